@@ -1,0 +1,145 @@
+"""One storage interface for the stages: ``file://`` (or a plain path) and ``s3://`` URIs.
+
+Writes are atomic: locally a temporary file in the same folder followed by ``os.replace``; on S3 a
+single ``PutObject``, which S3 makes visible all at once. S3 clients are created on first use with
+boto3's standard retry mode, so transient errors (throttling, 5xx, connection resets) are retried.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class StorageError(RuntimeError):
+    """A storage location is missing, unreadable or malformed; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class Location:
+    scheme: str  # "file" or "s3"
+    bucket: str  # empty for file
+    path: str  # absolute filesystem path for file, key (no leading slash) for s3
+
+    @property
+    def uri(self) -> str:
+        if self.scheme == "file":
+            return Path(self.path).as_uri()
+        return f"s3://{self.bucket}/{self.path}"
+
+
+def parse(uri: str | os.PathLike[str]) -> Location:
+    """Parse ``file:///abs``, ``s3://bucket/key`` or a plain filesystem path."""
+    text = os.fspath(uri)
+    parsed = urlparse(text)
+    if parsed.scheme in ("", "file"):
+        raw = parsed.path if parsed.scheme == "file" else text
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"{text!r}: file URIs must be absolute (file:///path), not file://host/path")
+        return Location("file", "", str(Path(raw).expanduser().resolve()))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"{text!r}: an S3 URI needs a bucket (s3://bucket/prefix)")
+        return Location("s3", parsed.netloc, parsed.path.lstrip("/"))
+    raise StorageError(f"{text!r}: unsupported storage scheme {parsed.scheme!r}; use file:// or s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a storage URI (``/``-separated on every scheme)."""
+    loc = parse(uri)
+    suffix = "/".join(p.strip("/") for p in parts if p)
+    if loc.scheme == "file":
+        return Location("file", "", str(Path(loc.path, suffix))).uri
+    key = f"{loc.path.rstrip('/')}/{suffix}" if loc.path else suffix
+    return Location("s3", loc.bucket, key).uri
+
+
+@functools.cache
+def _s3_client():
+    import boto3
+    from botocore.config import Config
+
+    # Endpoint, region and credentials come from the standard AWS environment / config chain
+    # (AWS_ENDPOINT_URL for MinIO or moto), never from code.
+    return boto3.client(
+        "s3",
+        config=Config(retries={"mode": "standard", "max_attempts": int(os.environ.get("EMBEDDER_S3_MAX_ATTEMPTS", "8"))}),
+    )
+
+
+def exists(uri: str) -> bool:
+    loc = parse(uri)
+    if loc.scheme == "file":
+        return Path(loc.path).exists()
+    from botocore.exceptions import ClientError
+
+    try:
+        _s3_client().head_object(Bucket=loc.bucket, Key=loc.path)
+        return True
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise
+
+
+def read_bytes(uri: str) -> bytes:
+    loc = parse(uri)
+    if loc.scheme == "file":
+        try:
+            return Path(loc.path).read_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"{uri}: no such file") from None
+    from botocore.exceptions import ClientError
+
+    try:
+        return _s3_client().get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
+    except ClientError as exc:
+        raise StorageError(f"{uri}: {exc.response.get('Error', {}).get('Message', exc)}") from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write ``data`` atomically: readers see the old object or the new one, never a partial one."""
+    loc = parse(uri)
+    if loc.scheme == "s3":
+        _s3_client().put_object(Bucket=loc.bucket, Key=loc.path, Body=data)
+        return
+    target = Path(loc.path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file under ``uri``, as paths relative to it (``/``-separated), sorted.
+
+    Raises StorageError when the location does not exist or holds nothing.
+    """
+    loc = parse(uri)
+    if loc.scheme == "file":
+        root = Path(loc.path)
+        if not root.is_dir():
+            raise StorageError(f"{uri}: not a directory (check the data root setting and that the folder exists)")
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    prefix = loc.path.rstrip("/") + "/" if loc.path else ""
+    paginator = _s3_client().get_paginator("list_objects_v2")
+    keys = [
+        obj["Key"][len(prefix) :]
+        for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix)
+        for obj in page.get("Contents", [])
+        if not obj["Key"].endswith("/")
+    ]
+    if not keys:
+        raise StorageError(f"{uri}: no objects under this prefix (check the bucket and prefix)")
+    return sorted(keys)
