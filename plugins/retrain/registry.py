@@ -1,0 +1,121 @@
+"""Model registry: register the challenger, decide promotion, move aliases. MLflow stages are never used.
+
+Aliases: ``challenger`` is the latest candidate, ``champion`` is what serving should run. The
+champion moves only when the challenger beats it on the same data snapshot by at least
+``min_improvement`` in recall@1; the decision and both scores are recorded on the new version.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+log = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+HEADLINE_METRIC = "recall_at_1"
+# Run tags copied onto every model version, so a version says where it came from.
+LINEAGE_TAGS = ("airflow.dag_id", "airflow.run_id", "dataset_version", "code_version", "image")
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    promote: bool
+    reason: str
+
+
+def decide_promotion(challenger_score: float, champion_score: float | None, min_improvement: float) -> PromotionDecision:
+    """Promote when there is no champion, or when the challenger is better by at least ``min_improvement``.
+
+    "Better" is strict: with ``min_improvement=0`` an equal score keeps the champion.
+    """
+    if min_improvement < 0:
+        raise ValueError(f"min_improvement must be >= 0, got {min_improvement}")
+    if champion_score is None:
+        return PromotionDecision(True, "no champion yet: the first model is promoted")
+    delta = challenger_score - champion_score
+    if delta > 0 and delta >= min_improvement:
+        return PromotionDecision(
+            True, f"challenger {HEADLINE_METRIC} {challenger_score:.4f} beats champion {champion_score:.4f} "
+                  f"by {delta:+.4f} (>= {min_improvement})")
+    return PromotionDecision(
+        False, f"challenger {HEADLINE_METRIC} {challenger_score:.4f} vs champion {champion_score:.4f}: "
+               f"{delta:+.4f} is not an improvement of at least {min_improvement}; champion kept")
+
+
+def alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
+    try:
+        return client.get_model_version_by_alias(model_name, alias).version
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def register_challenger(client: MlflowClient, model_name: str, model_uri: str, run_id: str,
+                        extra_tags: dict[str, str]) -> str:
+    """Register the challenger once per training run (a retried task finds its earlier version)."""
+    import mlflow
+
+    existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    if existing:
+        version = max(existing, key=lambda mv: int(mv.version)).version
+        log.info("run %s is already registered as %s version %s", run_id, model_name, version)
+        return version
+    run_tags = client.get_run(run_id).data.tags
+    tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags} | extra_tags
+    mv = mlflow.register_model(model_uri, model_name, tags=tags)
+    return mv.version
+
+
+def promote(model_name: str, train_result: dict[str, Any], evaluation: dict[str, Any], min_improvement: float,
+            client: MlflowClient | None = None) -> dict[str, Any]:
+    """Register the evaluated challenger, set ``challenger``, and move ``champion`` if it earned it."""
+    client = client or MlflowClient()
+    challenger = evaluation["challenger"]
+    champion = evaluation.get("champion")
+    current = alias_version(client, model_name, CHAMPION)
+    evaluated_against = champion["version"] if champion else None
+    if current != evaluated_against:
+        raise RuntimeError(
+            f"@{CHAMPION} of {model_name} is version {current}, but the challenger was evaluated against "
+            f"{evaluated_against}; another run moved it. Re-run evaluate so both are scored on the same data."
+        )
+    decision = decide_promotion(challenger[HEADLINE_METRIC], champion[HEADLINE_METRIC] if champion else None,
+                                min_improvement)
+    tags = {
+        "eval.dataset_version": evaluation["dataset_version"],
+        "eval.recall_at_1": f"{challenger['recall_at_1']:.6f}",
+        "eval.recall_at_5": f"{challenger['recall_at_5']:.6f}",
+        "eval.top1_accuracy": f"{challenger['top1_accuracy']:.6f}",
+        "eval.run_id": evaluation.get("evaluation_run_id", ""),
+        "champion.version": champion["version"] if champion else "none",
+        "champion.recall_at_1": f"{champion['recall_at_1']:.6f}" if champion else "none",
+        "promotion.min_improvement": str(min_improvement),
+        "promotion.decision": "promoted" if decision.promote else "rejected",
+        "promotion.reason": decision.reason,
+    }
+    version = register_challenger(client, model_name, challenger["model_uri"], train_result["mlflow_run_id"], tags)
+    for key, value in tags.items():  # also on a re-used version, so the latest decision is what it shows
+        client.set_model_version_tag(model_name, version, key, value)
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    if decision.promote:
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+    log.info("%s version %s: %s", model_name, version, decision.reason)
+    return {
+        "model_name": model_name,
+        "version": version,
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        "previous_champion": current,
+        "champion": version if decision.promote else current,
+        "recall_at_1": challenger["recall_at_1"],
+        "champion_recall_at_1": champion["recall_at_1"] if champion else None,
+        "dataset_version": evaluation["dataset_version"],
+        "decision": asdict(decision),
+    }
