@@ -26,6 +26,7 @@ from retrain.settings import Settings
 
 log = logging.getLogger(__name__)
 REVISION_HISTORY_LIMIT = 10
+HISTORY_FIELDS = ("revision", "model_name", "model_version", "change_cause", "updated_at")
 
 
 class RolloutFailed(RuntimeError):
@@ -77,7 +78,7 @@ class LocalDeployment:
             return current, False
         history = (current or {}).get("history", [])
         if current:
-            history = [*history, {k: current[k] for k in ("revision", "model_name", "model_version", "change_cause", "updated_at")}]
+            history = [*history, {k: current[k] for k in HISTORY_FIELDS}]
         record = {
             "model_name": model_name,
             "model_version": str(version),

@@ -160,7 +160,7 @@ def cpu_budget() -> int:
     """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (a pod's limit)."""
     n = len(os.sched_getaffinity(0))
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         if quota != "max":
             n = min(n, max(1, int(int(quota) / int(period))))
     except (OSError, ValueError):

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
@@ -104,7 +104,8 @@ class ModelHolder:
         out = loaded.embed(torch.zeros(1, 3, size, size))  # warm-up, and a check that it runs at all
         if out.shape != (1, loaded.embedding_dim):
             raise ValueError(f"warm-up produced shape {tuple(out.shape)}, expected (1, {loaded.embedding_dim})")
-        return Serving(desired, loaded, mv.tags.get("dataset_version", loaded.metadata.get("dataset_version", "")), mv.run_id or "")
+        dataset_version = mv.tags.get("dataset_version", loaded.metadata.get("dataset_version", ""))
+        return Serving(desired, loaded, dataset_version, mv.run_id or "")
 
     def run_forever(self, interval: float, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -156,7 +157,7 @@ def create_app(holder: ModelHolder, poll_interval: float = 1.0) -> FastAPI:
         }
 
     @app.post("/embed")
-    def embed(file: UploadFile = File(..., description="an image file (PNG, JPEG, ...)")) -> dict[str, Any]:
+    def embed(file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, ...)")]) -> dict[str, Any]:
         cur = holder.current
         if cur is None:
             raise HTTPException(503, "no model loaded yet")

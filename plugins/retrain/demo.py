@@ -1,0 +1,153 @@
+"""The demo: the whole retraining loop in local mode, through real Airflow, MLflow and PyTorch.
+
+1. builds the demo data set (scikit-learn's digits) under ``$RETRAIN_HOME/data``;
+2. starts the MLflow tracking server and the serving process, migrates Airflow's SQLite DB;
+3. run 1, as the nightly schedule would: no champion yet, so it trains, promotes and deploys;
+4. run 2, ``force_retrain``: champion and challenger are scored on the same snapshot;
+5. run 3, a plain run: the champion serves and there is no drift, so it skips and says why.
+
+The state (registry, runs, serving record) starts empty each time; the services stay up at the
+end so the UIs can be opened and ``/embed`` called. ``make down`` stops them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import requests
+from mlflow import MlflowClient
+
+from retrain import localstack
+from retrain.registry import CHALLENGER, CHAMPION, alias_version
+from retrain.settings import Settings
+
+RESET = ("mlflow.db", "mlartifacts", "airflow", "storage", "serving", "alerts.jsonl", "run", "logs")
+
+
+def step(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def airflow(settings: Settings, *args: str, log_name: str) -> str:
+    """Run the Airflow CLI; the full output goes to a log file, the output is returned."""
+    exe = str(Path(sys.executable).with_name("airflow"))
+    proc = subprocess.run([exe, *args], env=localstack.airflow_env(settings), capture_output=True, text=True)
+    log = settings.home / "logs" / f"{log_name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"airflow {' '.join(args[:2])} failed (exit {proc.returncode}); see {log}")
+    return proc.stdout + proc.stderr
+
+
+def dag_run(settings: Settings, conf: dict, name: str) -> str:
+    started = time.monotonic()
+    out = airflow(settings, "dags", "test", "retrain_embedder", "--conf", json.dumps(conf), log_name=name)
+    state = re.search(r"DagRun Finished: .*?state=(\w+)", out)
+    log = settings.home / "logs" / f"{name}.log"
+    if not state or state.group(1) != "success":
+        raise SystemExit(f"the DAG run did not succeed ({state.group(1) if state else 'no final state'}); see {log}")
+    print(f"   DAG run succeeded in {time.monotonic() - started:.0f}s (Airflow log: {log})")
+    return out
+
+
+def decision_line(out: str) -> str:
+    match = re.search(r"retrain=(True|False): (.*)", out)
+    return match.group(2).strip() if match else "(no decision logged)"
+
+
+def version_summary(client: MlflowClient, name: str, version: str) -> dict[str, str]:
+    return client.get_model_version(name, version).tags
+
+
+def embed_probe(settings: Settings) -> tuple[int, float, str]:
+    image = next((settings.home / "data" / "test").rglob("*.png"))
+    with image.open("rb") as fh:
+        body = requests.post(f"{settings.serving_url}/embed", files={"file": (image.name, fh, "image/png")},
+                             timeout=30).json()
+    return body["dim"], math.sqrt(sum(x * x for x in body["embedding"])), body["model_version"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m retrain.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--keep-state", action="store_true", help="do not reset the registry and runs first")
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    started = time.monotonic()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    print(f"local mode, state in {settings.home}")
+
+    if not args.keep_state:
+        localstack.down(settings)
+        for name in RESET:
+            path = settings.home / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    step("1. demo data: scikit-learn's handwritten digits as an ImageFolder tree")
+    data = settings.home / "data"
+    if not data.exists():
+        from embedder import demo_data
+
+        counts = demo_data.build(data.as_uri())
+        print(f"   wrote {sum(counts.values())} PNGs to {data}: {counts}")
+    else:
+        print(f"   using {data}")
+
+    step("2. services: MLflow tracking server, serving process, Airflow metadata DB")
+    localstack.up(settings)
+    airflow(settings, "db", "migrate", log_name="airflow-db-migrate")
+    print("   Airflow DB migrated (SQLite)")
+    client = MlflowClient(settings.tracking_uri)
+    name = settings.model_name
+    conf = {"epochs": args.epochs, "image_size": args.image_size, "batch_size": 64}
+
+    step("3. run 1, as the nightly schedule would start it")
+    out = dag_run(settings, conf, "dag-run-1")
+    print(f"   check_drift: {decision_line(out)}")
+    champion = alias_version(client, name, CHAMPION)
+    tags = version_summary(client, name, champion)
+    print(f"   {tags['promotion.decision'].upper()}: {name} version {champion} is @{CHAMPION}: {tags['promotion.reason']}")
+    print(f"   recall@1 {float(tags['eval.recall_at_1']):.4f}, recall@5 {float(tags['eval.recall_at_5']):.4f}, "
+          f"top-1 accuracy {float(tags['eval.top1_accuracy']):.4f} on dataset {tags['eval.dataset_version']}")
+    dim, norm, served = embed_probe(settings)
+    print(f"   POST {settings.serving_url}/embed -> {dim} floats, L2 norm {norm:.6f}, from model version {served}")
+
+    step("4. run 2 with force_retrain: challenger vs champion on the same snapshot")
+    out = dag_run(settings, {**conf, "epochs": args.epochs + 1, "force_retrain": True}, "dag-run-2")
+    print(f"   check_drift: {decision_line(out)}")
+    challenger = alias_version(client, name, CHALLENGER)
+    tags = version_summary(client, name, challenger)
+    print(f"   challenger version {challenger}: recall@1 {float(tags['eval.recall_at_1']):.4f} vs champion version "
+          f"{tags['champion.version']}: {float(tags['champion.recall_at_1']):.4f} (dataset {tags['eval.dataset_version']})")
+    print(f"   decision: {tags['promotion.decision'].upper()}: {tags['promotion.reason']}")
+
+    step("5. run 3 without force_retrain")
+    out = dag_run(settings, conf, "dag-run-3")
+    print(f"   check_drift skipped the run: {decision_line(out)}")
+
+    champion = alias_version(client, name, CHAMPION)
+    meta = requests.get(f"{settings.serving_url}/metadata", timeout=10).json()
+    dim, norm, served = embed_probe(settings)
+    step(f"done in {time.monotonic() - started:.0f}s")
+    print(f"   @{CHAMPION} = {name} version {champion}; serving version {meta['model_version']} "
+          f"(dataset {meta['dataset_version']}); /embed -> {dim} floats, norm {norm:.6f}")
+    print(f"   MLflow UI:   {settings.tracking_uri}   (experiment '{settings.experiment}', model '{name}')")
+    print(f"   Serving API: {settings.serving_url}/docs")
+    print("   Airflow UI:  make airflow-ui   (then http://127.0.0.1:8081)")
+    print("   stop the services: make down")
+    return 0 if served == champion else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
