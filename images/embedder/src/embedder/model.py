@@ -147,7 +147,11 @@ def load_backbone_weights(backbone: models.ResNet, weights_uri: str) -> None:
     except Exception as exc:
         raise ValueError(f"pretrained weights {weights_uri}: not a PyTorch state dict ({exc})") from None
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).split("\n\t")[1] if "\n\t" in str(exc) else str(exc)
+        raise ValueError(f"pretrained weights {weights_uri} do not fit {type(backbone).__name__}: {first.strip()}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise ValueError(

@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 
 class StorageError(RuntimeError):
@@ -37,7 +37,7 @@ def parse(uri: str | os.PathLike[str]) -> Location:
     text = os.fspath(uri)
     parsed = urlparse(text)
     if parsed.scheme in ("", "file"):
-        raw = parsed.path if parsed.scheme == "file" else text
+        raw = unquote(parsed.path) if parsed.scheme == "file" else text
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise StorageError(f"{text!r}: file URIs must be absolute (file:///path), not file://host/path")
         return Location("file", "", str(Path(raw).expanduser().resolve()))
