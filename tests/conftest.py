@@ -7,8 +7,15 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-import requests
+import tempfile
+
+# Airflow reads its configuration at import: give the tests a private home and no example DAGs.
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="airflow-home-")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(__file__).resolve().parents[1] / "dags")
+
+import pytest  # noqa: E402
+import requests  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -1,0 +1,126 @@
+"""DAG tests: import, policy, structure, Params, and the stage CLI contract."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pendulum
+import pytest
+from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk import Param
+from airflow.sdk.definitions.param import ParamsDict
+
+from retrain.stages import EXIT_BAD_INPUT, STAGES, LocalStageOperator
+
+DAGS = Path(__file__).resolve().parents[2] / "dags"
+DAG_FILES = sorted(p for p in DAGS.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.fixture(scope="module")
+def dagbag() -> DagBag:
+    return DagBag(dag_folder=str(DAGS))
+
+
+@pytest.fixture(scope="module")
+def dag(dagbag):
+    return dagbag.dags["retrain_embedder"]
+
+
+def test_dags_import_without_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert {Path(d.fileloc).stem for d in dagbag.dags.values()} == {p.stem for p in DAG_FILES}
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+def test_dag_policy(dagbag, path):
+    dag = next(d for d in dagbag.dags.values() if Path(d.fileloc) == path)
+    assert dag.dag_id == path.stem
+    assert dag.tags and dag.doc_md and dag.catchup is False
+    for task in dag.tasks:
+        assert task.on_failure_callback, f"{task.task_id} has no failure alert"
+
+
+def test_dag_file_imports_no_ml_libraries():
+    import sys
+
+    before = set(sys.modules)
+    importlib.reload(importlib.import_module("retrain_embedder"))
+    assert not {m for m in set(sys.modules) - before if m.split(".")[0] in ("torch", "torchvision", "embedder")}
+
+
+def test_schedule_is_nightly_at_two_utc_one_run_at_a_time(dag):
+    assert dag.max_active_runs == 1
+    # The scheduler's own timetable class, built from what the DAG declares, says when runs happen.
+    from airflow.timetables.base import TimeRestriction
+    from airflow.timetables.trigger import CronTriggerTimetable
+
+    timetable = CronTriggerTimetable(dag.timetable.expression, timezone=dag.timetable.timezone)
+    restriction = TimeRestriction(earliest=pendulum.datetime(2026, 3, 29, 12, tz="UTC"), latest=None, catchup=True)
+    first = timetable.next_dagrun_info(last_automated_data_interval=None, restriction=restriction)
+    second = timetable.next_dagrun_info(last_automated_data_interval=first.data_interval, restriction=restriction)
+    assert first.run_after == pendulum.datetime(2026, 3, 30, 2, tz="UTC")  # the day after a DST change in Europe
+    assert second.run_after - first.run_after == pendulum.duration(days=1)
+
+
+def test_task_order(dag):
+    order = ["check_drift", "prepare_data", "train", "evaluate", "promote", "deploy"]
+    for upstream, downstream in zip(order, order[1:], strict=False):
+        assert downstream in dag.get_task(upstream).downstream_task_ids
+    assert set(dag.task_ids) == set(order)
+    assert dag.get_task("deploy").retries == 0  # a failed rollout rolls back; it is not retried blindly
+
+
+def test_params_build_a_typed_trigger_form(dag):
+    required = {"force_retrain", "epochs", "learning_rate", "batch_size", "image_size", "min_improvement"}
+    assert required <= set(dag.params)
+    for name in dag.params:
+        param: Param = dag.params.get_param(name)
+        assert param.schema.get("title") and param.description, name
+        assert param.schema.get("type"), name
+
+
+@pytest.mark.parametrize("name,value", [("epochs", 0), ("epochs", "ten"), ("learning_rate", 0), ("image_size", 8),
+                                        ("min_improvement", -0.1), ("architecture", "vgg16"), ("force_retrain", "yes")])
+def test_bad_param_values_are_rejected(dag, name, value):
+    params = ParamsDict({k: dag.params.get_param(k) for k in dag.params})
+    params[name] = Param(value, **dag.params.get_param(name).schema)
+    with pytest.raises(Exception, match=name if name != "force_retrain" else "boolean"):
+        params.validate()
+
+
+def test_stages_exit_code_for_bad_input_matches_the_runner():
+    from embedder import contract
+
+    assert contract.EXIT_BAD_INPUT == EXIT_BAD_INPUT
+
+
+class FakeTI:
+    """XCom as the upstream stages return it (shape taken from the stages' own results)."""
+
+    results = {
+        "prepare_data": {"manifest_uri": "file:///s/datasets/abc/manifest.json", "dataset_version": "abc"},
+        "train": {"model_uri": "models:/m-123", "mlflow_run_id": "r123"},
+    }
+
+    def xcom_pull(self, task_ids: str, key: str = "return_value"):
+        return self.results[task_ids]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_dag_arguments_parse_with_the_stage_parser(dag, stage):
+    """The contract: what the DAG passes is what the stage's own argparse parser accepts."""
+    op = dag.get_task(stage)
+    assert isinstance(op, LocalStageOperator)
+    context = {"params": {k: dag.params[k] for k in dag.params}, "dag": dag, "run_id": "manual__x", "ti": FakeTI()}
+    rendered = [str(a) for a in op.render_template(op.arguments, context)]
+    assert not any("{{" in a for a in rendered), rendered
+    module = importlib.import_module(f"embedder.{stage}")
+    args = module.get_args_parser().parse_args(rendered)
+    assert args.airflow_run_id == "manual__x" and args.airflow_dag_id == "retrain_embedder"
+    if stage == "train":
+        assert (args.epochs, args.image_size, args.architecture) == (dag.params["epochs"], dag.params["image_size"],
+                                                                      dag.params["architecture"])
+        assert args.learning_rate == dag.params["learning_rate"] and args.manifest_uri.endswith("manifest.json")
+    if stage == "evaluate":
+        assert (args.challenger_uri, args.challenger_run_id) == ("models:/m-123", "r123")
