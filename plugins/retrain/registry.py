@@ -50,7 +50,7 @@ def decide_promotion(challenger_score: float, champion_score: float | None, min_
 
 def alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(model_name, alias).version
+        return str(client.get_model_version_by_alias(model_name, alias).version)
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
@@ -64,13 +64,13 @@ def register_challenger(client: MlflowClient, model_name: str, model_uri: str, r
 
     existing = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
     if existing:
-        version = max(existing, key=lambda mv: int(mv.version)).version
+        version = str(max(existing, key=lambda mv: int(mv.version)).version)
         log.info("run %s is already registered as %s version %s", run_id, model_name, version)
         return version
     run_tags = client.get_run(run_id).data.tags
     tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags} | extra_tags
     mv = mlflow.register_model(model_uri, model_name, tags=tags)
-    return mv.version
+    return str(mv.version)
 
 
 def promote(model_name: str, train_result: dict[str, Any], evaluation: dict[str, Any], min_improvement: float,
@@ -80,7 +80,7 @@ def promote(model_name: str, train_result: dict[str, Any], evaluation: dict[str,
     challenger = evaluation["challenger"]
     champion = evaluation.get("champion")
     current = alias_version(client, model_name, CHAMPION)
-    evaluated_against = champion["version"] if champion else None
+    evaluated_against = str(champion["version"]) if champion else None
     if current != evaluated_against:
         raise RuntimeError(
             f"@{CHAMPION} of {model_name} is version {current}, but the challenger was evaluated against "

@@ -117,7 +117,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         champ_uri = f"models:/{args.model_name}/{champ.version}"
         champion = score(model.load(champ_uri), manifest, args.batch_size)
         log.info("champion %s on dataset %s: %s", champ_uri, version, champion)
-        result["champion"] = {"version": champ.version, "model_uri": champ_uri, "run_id": champ.run_id,
+        result["champion"] = {"version": str(champ.version), "model_uri": champ_uri, "run_id": champ.run_id,
                               **asdict(champion)}
     else:
         log.info("no @%s for %s yet: the challenger is the only candidate", CHAMPION_ALIAS, args.model_name)

@@ -1,0 +1,120 @@
+"""Promotion and the retrain decision, against a real MLflow registry (SQLite store)."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from retrain import decision, registry
+
+
+class _Constant(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return model_input
+
+
+def logged_model(tags: dict[str, str] | None = None) -> dict:
+    """A logged (tiny) model and its run, shaped like the train stage's result."""
+    mlflow.set_experiment("t")
+    with mlflow.start_run(tags={"dataset_version": "d1", "airflow.run_id": "manual__1", "code_version": "abc",
+                                **(tags or {})}) as run:
+        info = mlflow.pyfunc.log_model(name="model", python_model=_Constant(), pip_requirements=[])
+    return {"mlflow_run_id": run.info.run_id, "model_uri": info.model_uri}
+
+
+def evaluation(train: dict, recall: float, champion: tuple[str, float] | None) -> dict:
+    return {
+        "dataset_version": "d1",
+        "challenger": {"model_uri": train["model_uri"], "recall_at_1": recall, "recall_at_5": min(1, recall + 0.05),
+                       "top1_accuracy": recall - 0.01},
+        "champion": {"version": champion[0], "recall_at_1": champion[1]} if champion else None,
+        "evaluation_run_id": "e1",
+    }
+
+
+@pytest.mark.parametrize("challenger,champion,min_improvement,promote", [
+    (0.50, None, 0.0, True),      # first model
+    (0.80, 0.70, 0.05, True),     # clear gain
+    (0.75, 0.70, 0.05, True),     # exactly the required gain
+    (0.74, 0.70, 0.05, False),    # not enough
+    (0.70, 0.70, 0.0, False),     # equal is not better
+    (0.60, 0.70, 0.0, False),     # worse
+])
+def test_decide_promotion(challenger, champion, min_improvement, promote):
+    assert registry.decide_promotion(challenger, champion, min_improvement).promote is promote
+
+
+def test_negative_min_improvement_is_refused():
+    with pytest.raises(ValueError, match="min_improvement must be >= 0"):
+        registry.decide_promotion(0.5, 0.4, -0.1)
+
+
+def test_first_model_becomes_champion_with_lineage_and_scores(mlflow_sqlite):
+    client = MlflowClient()
+    train = logged_model()
+    result = registry.promote("m", train, evaluation(train, 0.8, None), 0.0)
+    assert (result["version"], result["promoted"], result["previous_champion"]) == ("1", True, None)
+    assert registry.alias_version(client, "m", "champion") == "1"
+    assert registry.alias_version(client, "m", "challenger") == "1"
+    tags = client.get_model_version("m", "1").tags
+    assert tags["dataset_version"] == "d1" and tags["airflow.run_id"] == "manual__1" and tags["code_version"] == "abc"
+    assert tags["promotion.decision"] == "promoted" and tags["eval.recall_at_1"] == "0.800000"
+    assert client.get_model_version("m", "1").current_stage == "None"  # no MLflow stages
+
+
+def test_weaker_challenger_is_registered_but_champion_stays(mlflow_sqlite):
+    client = MlflowClient()
+    first = logged_model()
+    registry.promote("m", first, evaluation(first, 0.8, None), 0.0)
+    second = logged_model()
+    result = registry.promote("m", second, evaluation(second, 0.79, ("1", 0.8)), 0.0)
+    assert (result["version"], result["promoted"], result["champion"]) == ("2", False, "1")
+    assert registry.alias_version(client, "m", "champion") == "1"
+    assert registry.alias_version(client, "m", "challenger") == "2"
+    tags = client.get_model_version("m", "2").tags
+    assert tags["promotion.decision"] == "rejected" and tags["champion.recall_at_1"] == "0.800000"
+    assert "champion kept" in tags["promotion.reason"]
+
+
+def test_retried_promote_reuses_the_version(mlflow_sqlite):
+    train = logged_model()
+    registry.promote("m", train, evaluation(train, 0.8, None), 0.0)
+    again = registry.promote("m", train, evaluation(train, 0.8, None) | {"champion": {"version": "1", "recall_at_1": 0.8}},
+                             0.0)
+    assert again["version"] == "1"
+    assert len(MlflowClient().search_model_versions("name = 'm'")) == 1
+
+
+def test_champion_moved_since_evaluation_is_refused(mlflow_sqlite):
+    first = logged_model()
+    registry.promote("m", first, evaluation(first, 0.8, None), 0.0)
+    second = logged_model()
+    with pytest.raises(RuntimeError, match="evaluated against None; another run moved it"):
+        registry.promote("m", second, evaluation(second, 0.9, None), 0.0)
+    assert len(MlflowClient().search_model_versions("name = 'm'")) == 1
+
+
+@pytest.mark.parametrize("force,champion,retrain,reason", [
+    (False, None, True, "no champion"),
+    (True, "3", True, "force_retrain"),
+    (False, "3", False, "champion version 3 is serving and no drift signal"),
+])
+def test_retrain_decision(force, champion, retrain, reason):
+    result = decision.decide(force, champion, drift_confirmed=None)
+    assert result.retrain is retrain and reason in result.reason
+
+
+def test_check_reads_the_champion_from_the_registry(mlflow_sqlite):
+    assert decision.check("m", force=False).retrain is True
+    train = logged_model()
+    registry.promote("m", train, evaluation(train, 0.8, None), 0.0)
+    result = decision.check("m", force=False)
+    assert (result.retrain, result.champion_version) == (False, "1")
+
+
+def test_unreachable_mlflow_fails_the_decision_instead_of_training(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(Exception, match="127.0.0.1:9"):
+        decision.check("m", force=False, client=MlflowClient("http://127.0.0.1:9"))
