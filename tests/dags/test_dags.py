@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 from pathlib import Path
 
 import pendulum
@@ -65,7 +66,7 @@ def test_schedule_is_nightly_at_two_utc_one_run_at_a_time(dag):
 
 def test_task_order(dag):
     order = ["check_drift", "prepare_data", "train", "evaluate", "promote", "deploy"]
-    for upstream, downstream in zip(order, order[1:], strict=False):
+    for upstream, downstream in itertools.pairwise(order):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert set(dag.task_ids) == set(order)
     assert dag.get_task("deploy").retries == 0  # a failed rollout rolls back; it is not retried blindly
