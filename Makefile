@@ -45,7 +45,7 @@ serve: up
 airflow-ui: venv  ## Airflow's UI on http://127.0.0.1:8081 (api-server, scheduler, dag-processor, triggerer)
 	eval "$$($(PY) -c 'import shlex; from retrain.localstack import airflow_env; from retrain.settings import Settings; \
 	  [print(f"export {k}={shlex.quote(v)}") for k, v in airflow_env(Settings.from_env(), {}).items()]')" && \
-	  AIRFLOW__API__PORT=8081 $(VENV)/bin/airflow standalone
+	  PATH=$(CURDIR)/$(VENV)/bin:$$PATH AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=8081 airflow standalone
 
 lock:  ## re-resolve requirements/dev.in into requirements/dev.lock
 	$(PY) -m pip install --quiet -r requirements/dev.in
