@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 RUNNERS = ("local", "kubernetes")
@@ -18,6 +18,66 @@ RUNNERS = ("local", "kubernetes")
 
 class SettingsError(ValueError):
     """A setting has a value that cannot work; the message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Requests (and limits) of one stage's container; memory and ephemeral storage are limited to the request."""
+
+    cpu: str
+    memory: str
+    ephemeral_storage: str = "10Gi"
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+
+
+def _default_resources() -> dict[str, Resources]:
+    return {
+        "prepare_data": Resources("1", "2Gi"),
+        "train": Resources("4", "16Gi", "50Gi", memory_limit="24Gi"),
+        "evaluate": Resources("2", "8Gi"),
+    }
+
+
+@dataclass(frozen=True)
+class PodSettings:
+    """Kubernetes mode: where and how stage pods run."""
+
+    conn_id: str = "kubernetes_default"
+    namespace: str = "retrain"
+    image: str = "ghcr.io/example/embedder-trainer:0.1.0"  # may be pinned by digest: repo@sha256:...
+    service_account: str = "retrain-stage"
+    secrets: tuple[str, ...] = ("retrain-s3", "retrain-mlflow")
+    gpu_count: int = 1
+    gpu_node_label: tuple[str, str] = ("nvidia.com/gpu.present", "true")
+    gpu_pool: str = "gpu"
+    startup_timeout_s: int = 1800  # a GPU node may have to scale up first
+    deferrable: bool = False
+    resources: dict[str, Resources] = field(default_factory=_default_resources)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> PodSettings:
+        d = cls()
+        label = env.get("RETRAIN_GPU_NODE_LABEL", "=".join(d.gpu_node_label))
+        if label.count("=") != 1 or not all(label.split("=")):
+            raise SettingsError(f"RETRAIN_GPU_NODE_LABEL={label!r} must look like key=value, "
+                                "e.g. cloud.google.com/gke-accelerator=nvidia-l4")
+        deferrable = env.get("RETRAIN_DEFERRABLE", "false").lower()
+        if deferrable not in ("true", "false"):
+            raise SettingsError(f"RETRAIN_DEFERRABLE={deferrable!r} must be true or false")
+        secrets = env.get("RETRAIN_STAGE_SECRETS")
+        return cls(
+            conn_id=env.get("RETRAIN_KUBERNETES_CONN_ID", d.conn_id),
+            namespace=env.get("RETRAIN_NAMESPACE", d.namespace),
+            image=env.get("RETRAIN_STAGE_IMAGE", d.image),
+            service_account=env.get("RETRAIN_STAGE_SERVICE_ACCOUNT", d.service_account),
+            secrets=tuple(s for s in secrets.split(",") if s) if secrets is not None else d.secrets,
+            gpu_count=int(_number(env, "RETRAIN_GPU_COUNT", d.gpu_count)),
+            gpu_node_label=tuple(label.split("=")),  # type: ignore[arg-type]
+            gpu_pool=env.get("RETRAIN_GPU_POOL", d.gpu_pool),
+            startup_timeout_s=int(_number(env, "RETRAIN_POD_STARTUP_TIMEOUT_S", d.startup_timeout_s)),
+            deferrable=deferrable == "true",
+        )
 
 
 @dataclass(frozen=True)
@@ -35,6 +95,7 @@ class Settings:
     deploy_poll_s: float
     local_python: str
     alert_file: str
+    pods: PodSettings = field(default_factory=PodSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -57,6 +118,7 @@ class Settings:
             deploy_poll_s=_number(env, "RETRAIN_DEPLOY_POLL_S", 1.0),
             local_python=env.get("RETRAIN_LOCAL_PYTHON", sys.executable),
             alert_file=env.get("RETRAIN_ALERT_FILE", str(home / "alerts.jsonl")),
+            pods=PodSettings.from_env(env),
         )
 
     def stage_env(self) -> dict[str, str]:
@@ -71,7 +133,7 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number of seconds") from None
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
     if value <= 0:
         raise SettingsError(f"{name}={raw!r} must be positive")
     return value

@@ -104,4 +104,6 @@ def stage_operator(name: str, arguments: list[str], settings: Settings, **kwargs
     if settings.runner == "local":
         return LocalStageOperator(task_id=name, stage=spec, arguments=arguments, python=settings.local_python,
                                   env=settings.stage_env(), **kwargs)
-    raise NotImplementedError(f"RETRAIN_RUNNER={settings.runner} is not implemented yet; use RETRAIN_RUNNER=local")
+    from retrain.pods import stage_pod_operator
+
+    return stage_pod_operator(name, spec.command(), arguments, spec.gpu, settings, **kwargs)

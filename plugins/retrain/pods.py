@@ -1,0 +1,80 @@
+"""Kubernetes mode: each stage as a ``KubernetesPodOperator`` pod built from its stage spec.
+
+Every pod, the XCom sidecar included, meets the Pod Security Standard ``restricted`` profile. The
+train stage requests ``nvidia.com/gpu``, lands on the GPU pool (node affinity on a configurable
+label, toleration ``nvidia.com/gpu:NoSchedule``) and mounts a memory-backed ``/dev/shm``; the
+other stages keep off that pool. Credentials come only from Kubernetes Secrets (``envFrom``), so no
+secret value is ever part of a rendered pod.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from retrain.settings import PodSettings, Settings
+
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def _restricted_container_context():
+    from kubernetes.client import models as k8s
+
+    return k8s.V1SecurityContext(allow_privilege_escalation=False, run_as_non_root=True,
+                                 capabilities=k8s.V1Capabilities(drop=["ALL"]),
+                                 seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
+
+
+def stage_pod_operator(name: str, command: list[str], arguments: list[str], gpu: bool, settings: Settings,
+                       **kwargs: Any):
+    """The KubernetesPodOperator for one stage: same command and arguments as the local runner."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from kubernetes.client import models as k8s
+
+    pod: PodSettings = settings.pods
+    res = pod.resources[name]
+    requests = {"cpu": res.cpu, "memory": res.memory, "ephemeral-storage": res.ephemeral_storage}
+    limits = {"memory": res.memory_limit or res.memory, "ephemeral-storage": res.ephemeral_storage}
+    if res.cpu_limit:
+        limits["cpu"] = res.cpu_limit
+    label_key, label_value = pod.gpu_node_label
+    on_gpu_pool = k8s.V1NodeSelectorRequirement(key=label_key, operator="In" if gpu else "NotIn", values=[label_value])
+    volumes, mounts, tolerations = [], [], []
+    if gpu:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(pod.gpu_count)
+        tolerations = [k8s.V1Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
+        volumes = [k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="8Gi"))]
+        mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
+        kwargs.setdefault("pool", pod.gpu_pool)
+    return KubernetesPodOperator(
+        task_id=name,
+        name=f"embedder-{name.replace('_', '-')}",
+        kubernetes_conn_id=pod.conn_id,
+        namespace=pod.namespace,
+        image=pod.image,
+        cmds=command,
+        arguments=arguments,
+        env_vars={**settings.stage_env(), "EMBEDDER_IMAGE": pod.image},
+        env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=s, optional=False)) for s in pod.secrets],
+        labels={"app.kubernetes.io/part-of": "retrain-embedder", "retrain/stage": name,
+                "retrain/model": settings.model_name},
+        container_resources=k8s.V1ResourceRequirements(requests=requests, limits=limits),
+        affinity=k8s.V1Affinity(node_affinity=k8s.V1NodeAffinity(
+            required_during_scheduling_ignored_during_execution=k8s.V1NodeSelector(
+                node_selector_terms=[k8s.V1NodeSelectorTerm(match_expressions=[on_gpu_pool])]))),
+        tolerations=tolerations,
+        volumes=volumes,
+        volume_mounts=mounts,
+        service_account_name=pod.service_account,
+        automount_service_account_token=False,
+        security_context=k8s.V1PodSecurityContext(run_as_non_root=True, run_as_user=10001, fs_group=10001,
+                                                  seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault")),
+        container_security_context=_restricted_container_context(),
+        xcom_sidecar_container_security_context=_restricted_container_context(),
+        do_xcom_push=True,
+        get_logs=True,
+        on_finish_action="delete_succeeded_pod",
+        startup_timeout_seconds=pod.startup_timeout_s,
+        reattach_on_restart=True,
+        deferrable=pod.deferrable,
+        **kwargs,
+    )
