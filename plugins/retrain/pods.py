@@ -31,6 +31,7 @@ def stage_pod_operator(name: str, command: list[str], arguments: list[str], gpu:
     from kubernetes.client import models as k8s
 
     pod: PodSettings = settings.pods
+    gpu = gpu and pod.gpu_count > 0
     res = pod.resources[name]
     requests = {"cpu": res.cpu, "memory": res.memory, "ephemeral-storage": res.ephemeral_storage}
     limits = {"memory": res.memory_limit or res.memory, "ephemeral-storage": res.ephemeral_storage}

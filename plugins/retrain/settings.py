@@ -48,7 +48,7 @@ class PodSettings:
     image: str = "ghcr.io/example/embedder-trainer:0.1.0"  # may be pinned by digest: repo@sha256:...
     service_account: str = "retrain-stage"
     secrets: tuple[str, ...] = ("retrain-s3", "retrain-mlflow")
-    gpu_count: int = 1
+    gpu_count: int = 1  # 0: a CPU-only cluster; the train stage then runs like the others
     gpu_node_label: tuple[str, str] = ("nvidia.com/gpu.present", "true")
     gpu_pool: str = "gpu"
     startup_timeout_s: int = 1800  # a GPU node may have to scale up first
@@ -72,7 +72,7 @@ class PodSettings:
             image=env.get("RETRAIN_STAGE_IMAGE", d.image),
             service_account=env.get("RETRAIN_STAGE_SERVICE_ACCOUNT", d.service_account),
             secrets=tuple(s for s in secrets.split(",") if s) if secrets is not None else d.secrets,
-            gpu_count=int(_number(env, "RETRAIN_GPU_COUNT", d.gpu_count)),
+            gpu_count=int(_number(env, "RETRAIN_GPU_COUNT", d.gpu_count, inclusive=True)),
             gpu_node_label=tuple(label.split("=")),  # type: ignore[arg-type]
             gpu_pool=env.get("RETRAIN_GPU_POOL", d.gpu_pool),
             startup_timeout_s=int(_number(env, "RETRAIN_POD_STARTUP_TIMEOUT_S", d.startup_timeout_s)),
@@ -126,7 +126,7 @@ class Settings:
         return {"MLFLOW_TRACKING_URI": self.tracking_uri}
 
 
-def _number(env: Mapping[str, str], name: str, default: float) -> float:
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0, inclusive: bool = False) -> float:
     raw = env.get(name)
     if raw is None:
         return default
@@ -134,7 +134,7 @@ def _number(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if value <= 0:
-        raise SettingsError(f"{name}={raw!r} must be positive")
+    if value < minimum or (value == minimum and not inclusive):
+        raise SettingsError(f"{name}={raw!r} must be {'at least' if inclusive else 'more than'} {minimum:g}")
     return value
 

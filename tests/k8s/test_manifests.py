@@ -25,7 +25,7 @@ def test_overlay_builds_and_validates(overlay):
     docs = build(overlay)
     assert {d["kind"] for d in docs} >= {"Namespace", "Deployment", "Service"}
     for doc in docs:
-        kubernetes_validate.validate(doc, "1.35.0", strict=True)
+        kubernetes_validate.validate(doc, "1.37.0", strict=True)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
@@ -43,3 +43,47 @@ def test_serving_is_pinned_to_a_version_and_restricted(overlay):
         assert env["MODEL_VERSION"].isdigit()  # a version, never an alias
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_stage_pods_service_account_has_no_rights(overlay):
+    docs = build(overlay)
+    stage_sa = next(d for d in by_kind(docs, "ServiceAccount") if d["metadata"]["name"] == "retrain-stage")
+    assert stage_sa["automountServiceAccountToken"] is False
+    bound = {s["name"] for b in by_kind(docs, "RoleBinding") + by_kind(docs, "ClusterRoleBinding") for s in b["subjects"]}
+    assert bound == {"airflow-worker"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_no_credentials_in_manifests(overlay):
+    docs = build(overlay)
+    assert not by_kind(docs, "Secret")  # Secrets are created by the operator of the cluster, not committed
+    for cm in by_kind(docs, "ConfigMap"):
+        for key in cm["data"]:
+            # RETRAIN_STAGE_SECRETS names Secrets; values of credentials never appear here.
+            assert not any(w in key.upper() for w in ("PASSWORD", "TOKEN", "ACCESS_KEY", "SECRET_KEY")), key
+
+
+def settings_of(overlay: Path) -> dict[str, str]:
+    configmaps = by_kind(build(overlay), "ConfigMap")
+    return next(cm["data"] for cm in configmaps if cm["metadata"]["name"].startswith("retrain-settings"))
+
+
+def test_overlays_differ_only_in_what_differs():
+    local, gpu = (settings_of(K8S / "overlays" / name) for name in ("local", "gpu"))
+    differing = {k for k in local.keys() | gpu.keys() if local.get(k) != gpu.get(k)}
+    assert differing == {"RETRAIN_STAGE_IMAGE", "RETRAIN_GPU_COUNT", "RETRAIN_GPU_NODE_LABEL", "RETRAIN_POD_STARTUP_TIMEOUT_S"}
+    assert local["RETRAIN_GPU_COUNT"] == "0" and gpu["RETRAIN_GPU_COUNT"] == "1"
+    assert "@sha256:" in gpu["RETRAIN_STAGE_IMAGE"]
+
+
+def test_settings_configmap_parses_with_the_settings_object():
+    from retrain.settings import Settings
+
+    for overlay in OVERLAYS:
+        settings = Settings.from_env(settings_of(overlay))
+        assert settings.runner == "kubernetes" and settings.pods.namespace == "retrain"

@@ -147,11 +147,24 @@ def test_operational_settings_of_the_operators(monkeypatch):
     ("RETRAIN_GPU_NODE_LABEL", "gpu", "must look like key=value"),
     ("RETRAIN_DEFERRABLE", "yes", "must be true or false"),
     ("RETRAIN_GPU_COUNT", "two", "is not a number"),
+    ("RETRAIN_GPU_COUNT", "-1", "must be at least 0"),
+    ("RETRAIN_DEPLOY_TIMEOUT_S", "0", "must be more than 0"),
     ("RETRAIN_RUNNER", "docker", "set it to one of local, kubernetes"),
 ])
 def test_bad_settings_name_the_variable(name, value, message):
     with pytest.raises(SettingsError, match=f"{name}=.*{message}"):
         Settings.from_env({name: value})
+
+
+def test_gpu_count_zero_runs_training_like_a_cpu_stage(monkeypatch):
+    monkeypatch.setenv("RETRAIN_RUNNER", "kubernetes")
+    monkeypatch.setenv("RETRAIN_GPU_COUNT", "0")
+    op = DagBag(dag_folder=str(DAGS)).dags["retrain_embedder"].get_task("train")
+    spec = ApiClient().sanitize_for_serialization(op.build_pod_request_obj(None, dry_run=True))["spec"]
+    assert "nvidia.com/gpu" not in json.dumps(spec["containers"][0]["resources"])
+    assert not spec.get("tolerations") and op.pool == "default_pool"
+    term = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term["matchExpressions"][0]["operator"] == "NotIn"
 
 
 def test_pod_settings_defaults_are_the_documented_ones():
