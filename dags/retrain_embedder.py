@@ -42,8 +42,8 @@ with DAG(
     tags=["ml", "retraining", "embedder"],
     default_args={
         "owner": "ml-platform",
-        "retries": 2,
-        "retry_delay": timedelta(minutes=1),
+        "retries": settings.task_retries,
+        "retry_delay": timedelta(seconds=settings.retry_delay_s),
         "retry_exponential_backoff": True,
         "on_failure_callback": alerts.FailureNotifier(),
     },

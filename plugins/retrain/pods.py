@@ -24,10 +24,25 @@ def _restricted_container_context():
                                  seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
 
 
+def _stage_pod_operator_class():
+    """KPO that also deletes pods which never finished (an unschedulable GPU pod must not linger and start later)."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    class StagePodOperator(KubernetesPodOperator):
+        def process_pod_deletion(self, pod, *, reraise=True):
+            phase = getattr(getattr(pod, "status", None), "phase", None)
+            if pod is not None and phase in ("Pending", "Running"):
+                self.log.info("Deleting pod %s: it never finished (phase %s)", pod.metadata.name, phase)
+                self.pod_manager.delete_pod(pod)
+                return True
+            return super().process_pod_deletion(pod, reraise=reraise)
+
+    return StagePodOperator
+
+
 def stage_pod_operator(name: str, command: list[str], arguments: list[str], gpu: bool, settings: Settings,
                        **kwargs: Any):
     """The KubernetesPodOperator for one stage: same command and arguments as the local runner."""
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
     pod: PodSettings = settings.pods
@@ -46,7 +61,7 @@ def stage_pod_operator(name: str, command: list[str], arguments: list[str], gpu:
         volumes = [k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="8Gi"))]
         mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
         kwargs.setdefault("pool", pod.gpu_pool)
-    return KubernetesPodOperator(
+    return _stage_pod_operator_class()(
         task_id=name,
         name=f"embedder-{name.replace('_', '-')}",
         kubernetes_conn_id=pod.conn_id,
@@ -73,7 +88,7 @@ def stage_pod_operator(name: str, command: list[str], arguments: list[str], gpu:
         xcom_sidecar_container_security_context=_restricted_container_context(),
         do_xcom_push=True,
         get_logs=True,
-        on_finish_action="delete_succeeded_pod",
+        on_finish_action="delete_succeeded_pod",  # failed pods stay for debugging; see StagePodOperator
         startup_timeout_seconds=pod.startup_timeout_s,
         reattach_on_restart=True,
         deferrable=pod.deferrable,

@@ -1,0 +1,141 @@
+"""Kubernetes mode end to end: the DAG runs through Airflow, each stage a KubernetesPodOperator pod
+created on the in-process API emulator, whose fake kubelet runs the stage's real command.
+
+The emulator (tests/support/kube_emulator.py) is the suite's test double for a Kubernetes API server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from retrain import localstack
+from retrain.registry import alias_version
+from retrain.settings import Settings
+from tests.helpers import free_port
+from tests.support.kube_emulator import KubeEmulator, rbac_rules
+
+pytestmark = pytest.mark.e2e
+MODEL = "k8s-embedder"
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+K8S = Path(__file__).resolve().parents[2] / "k8s"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, mlflow_server, digits_root):
+    home = tmp_path_factory.mktemp("k8s-home")
+    env = {
+        "RETRAIN_RUNNER": "kubernetes",
+        "RETRAIN_HOME": str(home),
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "RETRAIN_DATA_URI": digits_root.as_uri(),
+        "RETRAIN_STORAGE_URI": (home / "storage").as_uri(),
+        "RETRAIN_MODEL_NAME": MODEL,
+        "RETRAIN_EXPERIMENT": MODEL,
+        "RETRAIN_SERVING_URL": f"http://127.0.0.1:{free_port()}",
+        "RETRAIN_TASK_RETRIES": "0",
+        "RETRAIN_POD_STARTUP_TIMEOUT_S": "8",
+    }
+    emulator = KubeEmulator(home, env={**os.environ, **env}).start()
+    emulator.gpus = 1
+    emulator.add_secret("retrain", "retrain-s3", {"AWS_ACCESS_KEY_ID": "emulated", "AWS_SECRET_ACCESS_KEY": "emulated"})
+    emulator.add_secret("retrain", "retrain-mlflow", {})
+    settings = Settings.from_env(env)
+    airflow_env = localstack.airflow_env(settings, {**os.environ, **env})
+    airflow_env["AIRFLOW_CONN_KUBERNETES_DEFAULT"] = json.dumps({"conn_type": "kubernetes", "extra": {
+        "kube_config_path": str(emulator.kubeconfig(home / "kubeconfig")), "in_cluster": False}})
+    for cmd in (["db", "migrate"], ["pools", "set", "gpu", "1", "GPU pods"]):
+        subprocess.run([AIRFLOW, *cmd], env=airflow_env, check=True, capture_output=True, timeout=300)
+    server = localstack.serving_service(settings)  # deploy is local-mode until the Kubernetes rollout lands
+    server.start(airflow_env, timeout_s=120)
+    try:
+        yield emulator, settings, airflow_env
+    finally:
+        server.stop()
+        emulator.stop()
+
+
+def dag_test(airflow_env: dict, conf: dict, **extra: str) -> tuple[str, str]:
+    proc = subprocess.run([AIRFLOW, "dags", "test", "retrain_embedder", "--conf", json.dumps(conf)],
+                          env={**airflow_env, **extra}, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    state = re.search(r"DagRun Finished: .*?state=(\w+)", out)
+    assert state, out[-5000:]
+    return state.group(1), out
+
+
+def test_every_stage_runs_as_a_pod_and_xcom_flows(cluster):
+    emulator, settings, airflow_env = cluster
+    emulator.fail_next(2, 503)  # the first API calls of the run fail; KPO retries them
+    state, out = dag_test(airflow_env, {"epochs": 1, "image_size": 32, "batch_size": 32})
+    assert state == "success", out[-6000:]
+    assert emulator.faults_pending == 0
+    created = {p["metadata"]["labels"]["retrain/stage"]: p for p in emulator.created}
+    assert set(created) == {"prepare_data", "train", "evaluate"}
+    train = created["train"]["spec"]
+    assert train["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert created["evaluate"]["spec"]["containers"][0]["args"][1].endswith("/manifest.json")  # XCom from prepare_data
+    assert "[base]" in out and "result written to" in out  # the stage's own log is in the task log
+    assert emulator.pods() == []  # succeeded pods are deleted
+    client = MlflowClient(settings.tracking_uri)
+    assert alias_version(client, MODEL, "champion") == "1" == alias_version(client, MODEL, "challenger")
+    assert client.get_model_version(MODEL, "1").tags["promotion.decision"] == "promoted"
+
+
+def test_a_failing_stage_keeps_its_pod_and_its_log(cluster, tmp_path):
+    emulator, settings, airflow_env = cluster
+    missing = (tmp_path / "missing").as_uri()
+    state, out = dag_test(airflow_env, {"force_retrain": True}, RETRAIN_DATA_URI=missing)
+    assert state == "failed"
+    assert f"data root {missing}: not a directory" in out  # the pod's log, in the task log
+    kept = [p for p in emulator.pods() if p["metadata"]["labels"]["retrain/stage"] == "prepare_data"]
+    assert len(kept) == 1 and kept[0]["status"]["phase"] == "Failed"
+    assert kept[0]["metadata"]["labels"]["already_checked"] == "True"
+    assert len(MlflowClient(settings.tracking_uri).search_model_versions(f"name = '{MODEL}'")) == 1
+
+
+def test_unschedulable_gpu_pod_fails_within_the_startup_timeout_and_is_removed(cluster):
+    emulator, _, airflow_env = cluster
+    emulator.gpus = 0
+    try:
+        started = time.monotonic()
+        state, out = dag_test(airflow_env, {"force_retrain": True, "epochs": 1, "image_size": 32})
+        elapsed = time.monotonic() - started
+    finally:
+        emulator.gpus = 1
+    assert state == "failed"
+    assert "Insufficient nvidia.com/gpu" in out
+    assert elapsed < 120, elapsed  # prepare_data plus an 8 s start-up timeout, not a hang
+    assert not [p for p in emulator.pods() if p["metadata"]["labels"]["retrain/stage"] == "train"]  # no leaked pod
+
+
+def test_deferrable_mode_runs_the_stages_through_the_triggerer(cluster):
+    emulator, settings, airflow_env = cluster
+    before = len(emulator.created)
+    state, out = dag_test(airflow_env, {"force_retrain": True, "epochs": 1, "image_size": 32, "batch_size": 32},
+                          RETRAIN_DEFERRABLE="true")
+    assert state == "success", out[-6000:]
+    assert [p["metadata"]["labels"]["retrain/stage"] for p in emulator.created[before:]] == [
+        "prepare_data", "train", "evaluate"]
+    assert "KubernetesPodTrigger" in out
+    version = MlflowClient(settings.tracking_uri).get_model_version(MODEL, "2")
+    assert version.tags["champion.version"] == "1"  # evaluated against the champion on the same snapshot
+
+
+def test_role_grants_exactly_what_the_operator_called(cluster):
+    emulator, _, _ = cluster
+    docs = list(yaml.safe_load_all(subprocess.run(
+        [str(Path(sys.executable).with_name("kubectl")), "kustomize", str(K8S / "overlays" / "gpu")],
+        capture_output=True, text=True, check=True).stdout))
+    granted = {(verb, res) for verb, res in rbac_rules(docs, "airflow-worker") if res != "deployments"}
+    called = {(verb, res) for verb, res in emulator.verbs() if res != "version"}
+    assert called == granted
