@@ -124,15 +124,112 @@ class LocalDeployment:
                 f"want {version}{detail}")
 
 
+class KubernetesDeployment:
+    """The serving Deployment: its pod template pins ``MODEL_NAME``/``MODEL_VERSION`` (never an alias).
+
+    Roll forward is a strategic merge patch of the container's env, a model-version label on the pod
+    template, and ``kubernetes.io/change-cause`` (what ``kubectl rollout history`` shows). Waiting
+    follows ``kubectl rollout status``: done only when the controller has observed the new generation,
+    every replica is updated, no old replica remains and every updated replica is available; a
+    ``ProgressDeadlineExceeded`` condition fails at once.
+    """
+
+    CHANGE_CAUSE = "kubernetes.io/change-cause"
+    REVISION = "deployment.kubernetes.io/revision"
+
+    def __init__(self, name: str, namespace: str, container: str, conn_id: str, api: Any = None):
+        self.name, self.namespace, self.container, self.conn_id = name, namespace, container, conn_id
+        self._api = api
+
+    @property
+    def api(self) -> Any:
+        if self._api is None:
+            from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+            from kubernetes.client import AppsV1Api
+
+            self._api = AppsV1Api(KubernetesHook(conn_id=self.conn_id).api_client)
+        return self._api
+
+    def _get(self) -> Any:
+        return self.api.read_namespaced_deployment(self.name, self.namespace)
+
+    def read(self) -> dict[str, Any] | None:
+        d = self._get()
+        container = next(c for c in d.spec.template.spec.containers if c.name == self.container)
+        env = {e.name: e.value for e in container.env or []}
+        annotations = d.metadata.annotations or {}
+        return {"model_name": env.get("MODEL_NAME"), "model_version": env.get("MODEL_VERSION"),
+                "revision": int(annotations.get(self.REVISION, 0)), "change_cause": annotations.get(self.CHANGE_CAUSE, "")}
+
+    def apply(self, model_name: str, version: str, change_cause: str) -> tuple[dict[str, Any], bool]:
+        current = self.read()
+        if current and (current["model_name"], current["model_version"]) == (model_name, str(version)):
+            return current, False
+        body = {
+            "metadata": {"annotations": {self.CHANGE_CAUSE: change_cause}},
+            "spec": {"template": {
+                "metadata": {"labels": {"retrain/model-version": str(version)}},
+                "spec": {"containers": [{"name": self.container, "env": [
+                    {"name": "MODEL_NAME", "value": model_name}, {"name": "MODEL_VERSION", "value": str(version)}]}]},
+            }},
+        }
+        self.api.patch_namespaced_deployment(self.name, self.namespace, body,
+                                             _content_type="application/strategic-merge-patch+json")
+        return self.read(), True
+
+    def rollout_status(self) -> tuple[bool, str]:
+        """(done, message) in kubectl's words; raises RolloutFailed past the progress deadline."""
+        d = self._get()
+        st = d.status
+        if (d.metadata.generation or 0) > (st.observed_generation or 0):
+            return False, "Waiting for deployment spec update to be observed..."
+        for cond in st.conditions or []:
+            if cond.type == "Progressing" and cond.reason == "ProgressDeadlineExceeded":
+                raise RolloutFailed(f'deployment "{self.name}" exceeded its progress deadline')
+        want, updated = d.spec.replicas or 0, st.updated_replicas or 0
+        if updated < want:
+            return False, (f'Waiting for deployment "{self.name}" rollout to finish: '
+                           f"{updated} out of {want} new replicas have been updated...")
+        if (st.replicas or 0) > updated:
+            return False, (f'Waiting for deployment "{self.name}" rollout to finish: '
+                           f"{st.replicas - updated} old replicas are pending termination...")
+        if (st.available_replicas or 0) < updated:
+            return False, (f'Waiting for deployment "{self.name}" rollout to finish: '
+                           f"{st.available_replicas or 0} of {updated} updated replicas are available...")
+        return True, f'deployment "{self.name}" successfully rolled out'
+
+    def wait(self, version: str, timeout_s: float, poll_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while True:
+            done, message = self.rollout_status()
+            if message != last:
+                log.info(message)
+                last = message
+            if done:
+                return
+            if time.monotonic() >= deadline:
+                raise RolloutFailed(f'deployment "{self.name}" did not roll out model version {version} '
+                                    f"within {timeout_s:.0f}s: {message}")
+            time.sleep(poll_s)
+
+
+def deployment_for(settings: Settings) -> LocalDeployment | KubernetesDeployment:
+    if settings.runner == "kubernetes":
+        return KubernetesDeployment(settings.serving_deployment, settings.pods.namespace, "server",
+                                    settings.pods.conn_id)
+    return LocalDeployment(settings.serving_state_uri, settings.serving_url)
+
+
 def change_cause(model_name: str, version: str, run_id: str, metric: str, value: float | None) -> str:
     score = f"{metric}={value:.4f}" if value is not None else f"{metric}=n/a"
     return f"model {model_name} version {version} from Airflow run {run_id}: {score}"
 
 
 def deploy(settings: Settings, model_name: str, version: str, cause: str,
-           deployment: LocalDeployment | None = None) -> dict[str, Any]:
-    """Roll serving forward to ``version`` and wait; on failure restore the previous record and raise."""
-    deployment = deployment or LocalDeployment(settings.serving_state_uri, settings.serving_url)
+           deployment: LocalDeployment | KubernetesDeployment | None = None) -> dict[str, Any]:
+    """Roll serving forward to ``version`` and wait; on failure restore the previous revision and raise."""
+    deployment = deployment or deployment_for(settings)
     previous = deployment.read()
     record, changed = deployment.apply(model_name, version, cause)
     if changed:
@@ -145,14 +242,19 @@ def deploy(settings: Settings, model_name: str, version: str, cause: str,
     except RolloutFailed as exc:
         if changed:
             _restore(deployment, previous)
+            if previous is not None:
+                try:
+                    deployment.wait(previous["model_version"], settings.deploy_timeout_s, settings.deploy_poll_s)
+                except RolloutFailed as again:
+                    raise RolloutFailed(f"{exc}. The rollback did not complete either: {again}") from None
         raise RolloutFailed(f"{exc}. Rolled back to "
                             f"{'model version ' + previous['model_version'] if previous else 'no model'}.") from None
     return {"deployment": deployment.name, "model_version": str(version), "revision": record["revision"],
             "changed": changed, "change_cause": record["change_cause"]}
 
 
-def _restore(deployment: LocalDeployment, previous: dict[str, Any] | None) -> None:
-    if previous is None:
+def _restore(deployment: LocalDeployment | KubernetesDeployment, previous: dict[str, Any] | None) -> None:
+    if previous is None and isinstance(deployment, LocalDeployment):
         deployment.path.unlink(missing_ok=True)
         log.warning('deployment "%s": removed the record; nothing was serving before', deployment.name)
         return

@@ -95,6 +95,7 @@ class Settings:
     deploy_poll_s: float
     local_python: str
     alert_file: str
+    serving_deployment: str = "embedder-serving"
     task_retries: int = 2
     retry_delay_s: float = 60.0
     pods: PodSettings = field(default_factory=PodSettings)
@@ -120,6 +121,7 @@ class Settings:
             deploy_poll_s=_number(env, "RETRAIN_DEPLOY_POLL_S", 1.0),
             local_python=env.get("RETRAIN_LOCAL_PYTHON", sys.executable),
             alert_file=env.get("RETRAIN_ALERT_FILE", str(home / "alerts.jsonl")),
+            serving_deployment=env.get("RETRAIN_SERVING_DEPLOYMENT", "embedder-serving"),
             task_retries=int(_number(env, "RETRAIN_TASK_RETRIES", 2, inclusive=True)),
             retry_delay_s=_number(env, "RETRAIN_RETRY_DELAY_S", 60.0),
             pods=PodSettings.from_env(env),

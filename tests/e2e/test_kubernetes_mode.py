@@ -21,7 +21,6 @@ from mlflow import MlflowClient
 from retrain import localstack
 from retrain.registry import alias_version
 from retrain.settings import Settings
-from tests.helpers import free_port
 from tests.support.kube_emulator import KubeEmulator, rbac_rules
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +40,6 @@ def cluster(tmp_path_factory, mlflow_server, digits_root):
         "RETRAIN_STORAGE_URI": (home / "storage").as_uri(),
         "RETRAIN_MODEL_NAME": MODEL,
         "RETRAIN_EXPERIMENT": MODEL,
-        "RETRAIN_SERVING_URL": f"http://127.0.0.1:{free_port()}",
         "RETRAIN_TASK_RETRIES": "0",
         "RETRAIN_POD_STARTUP_TIMEOUT_S": "8",
     }
@@ -55,13 +53,17 @@ def cluster(tmp_path_factory, mlflow_server, digits_root):
         "kube_config_path": str(emulator.kubeconfig(home / "kubeconfig")), "in_cluster": False}})
     for cmd in (["db", "migrate"], ["pools", "set", "gpu", "1", "GPU pods"]):
         subprocess.run([AIRFLOW, *cmd], env=airflow_env, check=True, capture_output=True, timeout=300)
-    server = localstack.serving_service(settings)  # deploy is local-mode until the Kubernetes rollout lands
-    server.start(airflow_env, timeout_s=120)
+    emulator.add_deployment(next(d for d in kustomize("gpu") if d["kind"] == "Deployment"))
     try:
         yield emulator, settings, airflow_env
     finally:
-        server.stop()
         emulator.stop()
+
+
+def kustomize(overlay: str) -> list[dict]:
+    out = subprocess.run([str(Path(sys.executable).with_name("kubectl")), "kustomize", str(K8S / "overlays" / overlay)],
+                         capture_output=True, text=True, check=True).stdout
+    return list(yaml.safe_load_all(out))
 
 
 def dag_test(airflow_env: dict, conf: dict, **extra: str) -> tuple[str, str]:
@@ -89,6 +91,11 @@ def test_every_stage_runs_as_a_pod_and_xcom_flows(cluster):
     client = MlflowClient(settings.tracking_uri)
     assert alias_version(client, MODEL, "champion") == "1" == alias_version(client, MODEL, "challenger")
     assert client.get_model_version(MODEL, "1").tags["promotion.decision"] == "promoted"
+    serving = emulator.deployment("retrain", "embedder-serving")  # deploy rolled the Deployment forward
+    env = {e["name"]: e["value"] for e in serving["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["MODEL_NAME"], env["MODEL_VERSION"]) == (MODEL, "1")
+    assert f"model {MODEL} version 1 from Airflow run manual__" in serving["metadata"]["annotations"][
+        "kubernetes.io/change-cause"]
 
 
 def test_a_failing_stage_keeps_its_pod_and_its_log(cluster, tmp_path):
@@ -133,9 +140,6 @@ def test_deferrable_mode_runs_the_stages_through_the_triggerer(cluster):
 
 def test_role_grants_exactly_what_the_operator_called(cluster):
     emulator, _, _ = cluster
-    docs = list(yaml.safe_load_all(subprocess.run(
-        [str(Path(sys.executable).with_name("kubectl")), "kustomize", str(K8S / "overlays" / "gpu")],
-        capture_output=True, text=True, check=True).stdout))
-    granted = {(verb, res) for verb, res in rbac_rules(docs, "airflow-worker") if res != "deployments"}
+    granted = rbac_rules(kustomize("gpu"), "airflow-worker")
     called = {(verb, res) for verb, res in emulator.verbs() if res != "version"}
     assert called == granted

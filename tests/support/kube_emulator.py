@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,26 @@ def merge(target: dict, patch: dict) -> dict:
             target.pop(key, None)
         elif isinstance(value, dict) and isinstance(target.get(key), dict):
             merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
+
+
+def strategic_merge(target: dict, patch: dict) -> dict:
+    """Strategic merge patch, as far as Deployments need it: lists of named items merge by name."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            strategic_merge(target[key], value)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value) \
+                and isinstance(target.get(key), list):
+            by_name = {item["name"]: item for item in target[key]}
+            for item in value:
+                if item["name"] in by_name:
+                    strategic_merge(by_name[item["name"]], item)
+                else:
+                    target[key].append(copy.deepcopy(item))
         else:
             target[key] = copy.deepcopy(value)
     return target
@@ -104,6 +124,9 @@ class KubeEmulator:
         self.requests: list[tuple[str, str]] = []  # (verb, resource) in RBAC's words
         self.created: list[dict] = []  # every pod as it was created
         self.denied: list[tuple[str, str]] = []  # requests refused by the emulated RBAC
+        self.pod_ready: Callable[[dict], bool] = lambda template: True
+        self.revisions: dict[tuple[str, str], list[dict]] = {}  # pod templates, one per revision
+        self.controller_delay = 0.3  # seconds between the fake Deployment controller's steps
         self.containers: dict[tuple[str, str], Container] = {}
         self._faults: list[int] = []
         self._rv = 0
@@ -143,6 +166,10 @@ class KubeEmulator:
         app.router.add_get(base + "/pods/{name}/exec", self.pod_exec)
         app.router.add_post(base + "/pods/{name}/exec", self.pod_exec)
         app.router.add_get(base + "/events", self.list_events)
+        apps = "/apis/apps/v1/namespaces/{ns}/deployments"
+        app.router.add_get(apps, self.list_deployments)
+        app.router.add_get(apps + "/{name}", self.get_deployment)
+        app.router.add_patch(apps + "/{name}", self.patch_deployment)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -166,6 +193,23 @@ class KubeEmulator:
 
     def fail_next(self, count: int, status: int = 503) -> None:
         self._faults.extend([status] * count)
+
+    def add_deployment(self, deployment: dict, ready: Callable[[dict], bool] | None = None) -> None:
+        """Create a Deployment already rolled out; ``ready(pod_template)`` says if its new pods become ready."""
+        deployment = copy.deepcopy(deployment)
+        meta = deployment["metadata"]
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
+        meta.setdefault("annotations", {})["deployment.kubernetes.io/revision"] = "1"
+        replicas = deployment["spec"].get("replicas", 1)
+        deployment["status"] = {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
+                                "readyReplicas": replicas, "availableReplicas": replicas, "conditions": [
+                                    self._condition("Progressing", "True", "NewReplicaSetAvailable")]}
+        self.objects[("deployments", meta["namespace"], meta["name"])] = self._bump(deployment)
+        self.pod_ready = ready or (lambda template: True)
+        self.revisions[(meta["namespace"], meta["name"])] = [copy.deepcopy(deployment["spec"]["template"])]
+
+    def deployment(self, namespace: str, name: str) -> dict:
+        return copy.deepcopy(self.objects[("deployments", namespace, name)])
 
     @property
     def faults_pending(self) -> int:
@@ -203,6 +247,8 @@ class KubeEmulator:
         parts = request.path.strip("/").split("/")
         if parts[0] == "version":
             return ("get", "version")
+        if parts[0] == "apis":  # /apis/<group>/<version>/... has one segment more than /api/<version>/...
+            parts = parts[1:]
         resource = parts[4] if len(parts) > 4 else ""
         sub = parts[6] if len(parts) > 6 else ""
         named = len(parts) > 5
@@ -283,6 +329,80 @@ class KubeEmulator:
             "metadata": {"name": name, "namespace": ns}, "type": kind, "reason": reason, "message": message,
             "involvedObject": {"kind": "Pod", "name": pod, "namespace": ns},
             "firstTimestamp": now(), "lastTimestamp": now(), "count": 1})
+
+    # ---- deployments and a fake Deployment controller -------------------------------------------
+    @staticmethod
+    def _condition(kind: str, status: str, reason: str, message: str = "") -> dict:
+        return {"type": kind, "status": status, "reason": reason, "message": message,
+                "lastUpdateTime": now(), "lastTransitionTime": now()}
+
+    async def list_deployments(self, request: web.Request) -> web.Response:
+        ns = request.match_info["ns"]
+        items = [o for (r, n, _), o in self.objects.items() if r == "deployments" and n == ns
+                 and field_matches(o, request.query.get("fieldSelector"))]
+        return web.json_response({"kind": "DeploymentList", "apiVersion": "apps/v1",
+                                  "metadata": {"resourceVersion": str(self._rv)}, "items": items})
+
+    async def get_deployment(self, request: web.Request) -> web.Response:
+        obj = self.objects.get(("deployments", request.match_info["ns"], request.match_info["name"]))
+        if obj is None:
+            return self._status(404, "NotFound", f'deployments.apps "{request.match_info["name"]}" not found')
+        return web.json_response(obj)
+
+    async def patch_deployment(self, request: web.Request) -> web.Response:
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        obj = self.objects.get(("deployments", ns, name))
+        if obj is None:
+            return self._status(404, "NotFound", f'deployments.apps "{name}" not found')
+        before = copy.deepcopy(obj["spec"])
+        body = await request.json()
+        kind = request.content_type
+        if kind == "application/strategic-merge-patch+json":
+            strategic_merge(obj, body)
+        elif kind == "application/merge-patch+json":
+            merge(obj, body)  # RFC 7386: lists are replaced, as a real API server does
+        else:
+            return self._status(400, "BadRequest", f"patch type {kind} is not supported by this emulator")
+        if obj["spec"] != before:
+            obj["metadata"]["generation"] += 1
+            if obj["spec"]["template"] != before["template"]:
+                history = self.revisions.setdefault((ns, name), [])
+                history.append(copy.deepcopy(obj["spec"]["template"]))
+                obj["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = str(len(history))
+                asyncio.get_running_loop().create_task(self._roll(ns, name, obj["metadata"]["generation"]))
+        return web.json_response(self._bump(obj))
+
+    async def _roll(self, ns: str, name: str, generation: int) -> None:
+        """Surge one new pod at a time (maxUnavailable 0), as the real controller would report it."""
+        obj = self.objects[("deployments", ns, name)]
+        await asyncio.sleep(self.controller_delay)  # status is stale for a moment after the patch
+        if obj["metadata"]["generation"] != generation:
+            return
+        want = obj["spec"].get("replicas", 1)
+        deadline = asyncio.get_running_loop().time() + obj["spec"].get("progressDeadlineSeconds", 600)
+        st = obj["status"]
+        st.update(observedGeneration=generation, updatedReplicas=0, replicas=want)
+        st["conditions"] = [self._condition("Progressing", "True", "ReplicaSetUpdated")]
+        self._bump(obj)
+        ready = self.pod_ready(obj["spec"]["template"])
+        while st["updatedReplicas"] < want:
+            await asyncio.sleep(self.controller_delay)
+            if obj["metadata"]["generation"] != generation:
+                return
+            if not ready:
+                st.update(replicas=want + 1, updatedReplicas=1, unavailableReplicas=1)
+                if asyncio.get_running_loop().time() > deadline:
+                    st["conditions"] = [self._condition("Progressing", "False", "ProgressDeadlineExceeded",
+                                                        f'ReplicaSet "{name}" has timed out progressing.')]
+                    self._bump(obj)
+                    return
+                self._bump(obj)
+                continue
+            st.update(updatedReplicas=st["updatedReplicas"] + 1, replicas=want + 1)
+            self._bump(obj)
+        st.update(replicas=want, readyReplicas=want, availableReplicas=want, unavailableReplicas=0)
+        st["conditions"] = [self._condition("Progressing", "True", "NewReplicaSetAvailable")]
+        self._bump(obj)
 
     # ---- logs ------------------------------------------------------------------------------------
     async def pod_log(self, request: web.Request) -> web.StreamResponse:
