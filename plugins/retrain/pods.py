@@ -24,11 +24,31 @@ def _restricted_container_context():
                                  seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
 
 
+def _exit_code(pod: Any, container: str) -> int | None:
+    for status in getattr(getattr(pod, "status", None), "container_statuses", None) or []:
+        if status.name == container and status.state and status.state.terminated:
+            return status.state.terminated.exit_code
+    return None
+
+
 def _stage_pod_operator_class():
     """KPO that also deletes pods which never finished (an unschedulable GPU pod must not linger and start later)."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    from retrain.stages import EXIT_BAD_INPUT
 
     class StagePodOperator(KubernetesPodOperator):
+        def cleanup(self, pod, remote_pod, xcom_result=None, context=None):
+            try:
+                return super().cleanup(pod, remote_pod, xcom_result=xcom_result, context=context)
+            except AirflowException as exc:
+                if _exit_code(remote_pod, self.base_container_name) == EXIT_BAD_INPUT:
+                    raise AirflowFailException(
+                        f"stage {self.task_id} rejected its input (exit code {EXIT_BAD_INPUT}); "
+                        f"not retrying. {exc}") from exc
+                raise
+
         def process_pod_deletion(self, pod, *, reraise=True):
             phase = getattr(getattr(pod, "status", None), "phase", None)
             if pod is not None and phase in ("Pending", "Running"):

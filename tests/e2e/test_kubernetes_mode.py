@@ -104,6 +104,7 @@ def test_a_failing_stage_keeps_its_pod_and_its_log(cluster, tmp_path):
     state, out = dag_test(airflow_env, {"force_retrain": True}, RETRAIN_DATA_URI=missing)
     assert state == "failed"
     assert f"data root {missing}: not a directory" in out  # the pod's log, in the task log
+    assert "rejected its input (exit code 2); not retrying" in out
     kept = [p for p in emulator.pods() if p["metadata"]["labels"]["retrain/stage"] == "prepare_data"]
     assert len(kept) == 1 and kept[0]["status"]["phase"] == "Failed"
     assert kept[0]["metadata"]["labels"]["already_checked"] == "True"
