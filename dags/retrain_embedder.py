@@ -81,7 +81,8 @@ with DAG(
     common = ["--experiment", settings.experiment,
               "--airflow-dag-id", "{{ dag.dag_id }}", "--airflow-run-id", "{{ run_id }}"]
     prepare = stage_operator("prepare_data", [
-        "--data-uri", settings.data_uri, "--storage-uri", settings.storage_uri, *common], settings)
+        "--data-uri", settings.data_uri, "--storage-uri", settings.storage_uri,
+        "--model-name", settings.model_name, *common], settings)
     train = stage_operator("train", [
         "--manifest-uri", "{{ ti.xcom_pull(task_ids='prepare_data')['manifest_uri'] }}",
         "--architecture", "{{ params.architecture }}",

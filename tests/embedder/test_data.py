@@ -37,7 +37,7 @@ def test_manifest_lists_every_image_with_label_split_and_hash(digits_root):
     entry = next(e for e in manifest.entries if e.path.startswith("test/two/"))
     assert (entry.split, entry.label, len(entry.sha256)) == ("test", "two", 64)
     assert manifest.counts()["train"]["two"] == sum(1 for _ in (digits_root / "train" / "two").iterdir())
-    assert not manifest.problems
+    assert not manifest.quarantined
 
 
 def test_dataset_version_follows_content_not_location(digits_root, tmp_path):
@@ -81,7 +81,7 @@ def test_a_file_that_is_not_an_image_is_reported_not_fatal(digits_root, tmp_path
     (root / "train" / "three" / "notes.png").write_text("this is not a PNG")
     (root / "test" / "four" / "empty.jpg").write_bytes(b"")
     manifest = data.scan(root.as_uri())
-    reasons = {p.path: p.reason for p in manifest.problems}
+    reasons = {q.path: q.reason for q in manifest.quarantined}
     assert reasons.keys() == {"train/three/notes.png", "test/four/empty.jpg"}
     assert reasons["train/three/notes.png"].startswith("not a decodable image")
     assert reasons["test/four/empty.jpg"] == "empty file (0 bytes)"

@@ -8,12 +8,14 @@ Layout under the data root (``file://`` or ``s3://``)::
 
 The manifest lists every usable file with its split, label, size and sha256. The dataset version
 is the hash of those entries, so the same images give the same version wherever they are stored.
-Files that cannot be used are listed under ``problems`` with the reason, not silently dropped.
+Files that cannot be used are quarantined: listed under ``quarantined`` with the reason (empty,
+truncated, not an image, over the pixel limit), never silently dropped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections import Counter
@@ -27,7 +29,7 @@ from torch.utils.data import Dataset
 
 from embedder import storage
 from embedder.contract import StageInputError
-from embedder.images import decode_rgb
+from embedder.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,13 @@ class Entry:
     label: str
     sha256: str
     bytes: int
+    mode: str = "RGB"  # the file's own mode; every image is converted to RGB when read
 
 
 @dataclass(frozen=True)
-class Problem:
+class Quarantined:
+    """A file left out of the snapshot, and why."""
+
     path: str
     reason: str
 
@@ -55,7 +60,7 @@ class Problem:
 class Manifest:
     data_uri: str
     entries: list[Entry]
-    problems: list[Problem] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
@@ -74,6 +79,14 @@ class Manifest:
             out.setdefault(split, {})[label] = n
         return out
 
+    def modes(self) -> dict[str, int]:
+        """How many files of each image mode (converted to RGB on read)."""
+        return dict(sorted(Counter(e.mode for e in self.entries).items()))
+
+    def quarantined_share(self) -> float:
+        total = len(self.entries) + len(self.quarantined)
+        return len(self.quarantined) / total if total else 0.0
+
     def to_json(self) -> str:
         doc = {
             "format": MANIFEST_FORMAT,
@@ -82,7 +95,8 @@ class Manifest:
             "classes": self.classes,
             "counts": self.counts(),
             "entries": [asdict(e) for e in self.entries],
-            "problems": [asdict(p) for p in self.problems],
+            "quarantined": [asdict(q) for q in self.quarantined],
+            "modes": self.modes(),
         }
         return json.dumps(doc, indent=1, sort_keys=True)
 
@@ -95,7 +109,7 @@ class Manifest:
             manifest = cls(
                 data_uri=doc["data_uri"],
                 entries=[Entry(**e) for e in doc["entries"]],
-                problems=[Problem(**p) for p in doc.get("problems", [])],
+                quarantined=[Quarantined(**q) for q in doc.get("quarantined", [])],
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise StageInputError(f"{source}: not a valid manifest ({exc}); re-run prepare_data") from exc
@@ -112,26 +126,36 @@ def dataset_version(entries: list[Entry]) -> str:
     return hashlib.sha256(canonical).hexdigest()[:16]
 
 
-def _check_file(data_uri: str, rel: str) -> Entry | Problem:
+def _check_file(data_uri: str, rel: str, max_pixels: int) -> Entry | Quarantined:
     parts = rel.split("/")
     split, label = parts[0], parts[1] if len(parts) > 2 else ""
     if not label:
-        return Problem(rel, f"not inside a class folder (expected {split}/<class>/<image>)")
+        return Quarantined(rel, f"not inside a class folder (expected {split}/<class>/<image>)")
     try:
         data = storage.read_bytes(storage.join(data_uri, rel))
     except storage.StorageError as exc:
-        return Problem(rel, f"unreadable: {exc}")
-    if not data:
-        return Problem(rel, "empty file (0 bytes)")
+        return Quarantined(rel, f"unreadable: {exc}")
     try:
-        decode_rgb(data)
-    except Exception as exc:  # PIL raises many types for undecodable data
-        return Problem(rel, f"not a decodable image: {type(exc).__name__}: {exc}")
-    return Entry(rel, split, label, hashlib.sha256(data).hexdigest(), len(data))
+        mode = image_mode(data, max_pixels)
+    except ImageRejected as exc:
+        return Quarantined(rel, str(exc))
+    return Entry(rel, split, label, hashlib.sha256(data).hexdigest(), len(data), mode)
 
 
-def scan(data_uri: str, workers: int = 16) -> Manifest:
-    """List and check every file under ``data_uri``; raise StageInputError for an unusable layout."""
+def image_mode(data: bytes, max_pixels: int) -> str:
+    """Decode fully (a truncated or corrupt file fails here) and return the file's own mode."""
+    from PIL import Image
+
+    decode_rgb(data, max_pixels)
+    with Image.open(io.BytesIO(data)) as img:
+        return img.mode
+
+
+def scan(data_uri: str, workers: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS) -> Manifest:
+    """List and check every file under ``data_uri``; bad files are quarantined with their reason.
+
+    Raises StageInputError for a layout that cannot be trained on (missing root or split, empty class).
+    """
     try:
         files = storage.list_files(data_uri)
     except storage.StorageError as exc:
@@ -141,14 +165,35 @@ def scan(data_uri: str, workers: int = 16) -> Manifest:
     if ignored:
         log.warning("ignoring top-level entries of %s that are not splits: %s", data_uri, ", ".join(ignored))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        checked = list(pool.map(lambda rel: _check_file(data_uri, rel), candidates))
+        checked = list(pool.map(lambda rel: _check_file(data_uri, rel, max_pixels), candidates))
     entries = [c for c in checked if isinstance(c, Entry)]
-    problems = [c for c in checked if isinstance(c, Problem)]
-    for p in problems:
-        log.warning("skipping %s: %s", storage.join(data_uri, p.path), p.reason)
-    manifest = Manifest(data_uri=data_uri, entries=entries, problems=problems)
+    quarantined = [c for c in checked if isinstance(c, Quarantined)]
+    for q in quarantined:
+        log.warning("quarantined %s: %s", storage.join(data_uri, q.path), q.reason)
+    manifest = Manifest(data_uri=data_uri, entries=entries, quarantined=quarantined)
     _check_layout(manifest, files)
     return manifest
+
+
+def check_policy(manifest: Manifest, max_quarantine_share: float, min_images_per_class: int) -> None:
+    """Refuse a snapshot with too many bad files or too few training images in a class."""
+    share = manifest.quarantined_share()
+    if share > max_quarantine_share:
+        total = len(manifest.entries) + len(manifest.quarantined)
+        raise StageInputError(
+            f"{len(manifest.quarantined)} of {total} files ({share:.1%}) were quarantined, over the limit of "
+            f"{max_quarantine_share:.1%} (--max-quarantine-share); the reasons are in the manifest and in MLflow's "
+            f"data_report.json. Fix or remove those files, or raise the limit")
+    small = {label: n for label, n in manifest.counts()["train"].items() if n < min_images_per_class}
+    if small:
+        listing = ", ".join(f"{label!r} ({n})" for label, n in sorted(small.items()))
+        raise StageInputError(
+            f"classes with fewer than {min_images_per_class} training images (--min-images-per-class): {listing}; "
+            f"add images to train/<class>/ or remove the class")
+
+
+def compare_classes(previous: list[str], current: list[str]) -> dict[str, list[str]]:
+    return {"added": sorted(set(current) - set(previous)), "removed": sorted(set(previous) - set(current))}
 
 
 def _check_layout(manifest: Manifest, files: list[str]) -> None:

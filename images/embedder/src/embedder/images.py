@@ -13,14 +13,51 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 AUGMENTATIONS = ("none", "crop", "crop-flip")
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Fully decode image bytes into an RGB image (grayscale, palette, RGBA and CMYK are converted).
+DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000: far beyond any training image, far below a bomb
 
-    Raises ``PIL.UnidentifiedImageError`` / ``OSError`` for data that is not a complete image.
+
+class ImageRejected(ValueError):
+    """The data is not a usable image; the message says why (for the quarantine report)."""
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Fully decode image bytes into RGB: grayscale, palette, CMYK and 16-bit are converted, and
+    transparency is composited onto white (not dropped to black).
+
+    The pixel count is checked from the header before anything is decoded, so a decompression bomb
+    costs nothing. Raises :class:`ImageRejected` with the reason for anything that is not a complete,
+    decodable image of acceptable size.
     """
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.convert("RGB")
+    if not data:
+        raise ImageRejected("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageRejected(f"decompression bomb guard: {width}x{height} = {width * height} pixels, "
+                                    f"over the limit of {max_pixels}")
+            img.load()
+            return to_rgb(img)
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(f"decompression bomb: {exc}") from None
+    except Exception as exc:  # PIL raises many types for undecodable or truncated data
+        raise ImageRejected(f"not a decodable image: {type(exc).__name__}: {exc}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img.copy()
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grayscale: scale to 8 bits, do not clip
+        return img.point(lambda v: v / 256).convert("L").convert("RGB")
+    if img.mode == "F":
+        return img.convert("L").convert("RGB")
+    return img.convert("RGB")
 
 
 def eval_transform(image_size: int) -> transforms.Compose:

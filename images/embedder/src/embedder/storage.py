@@ -134,9 +134,10 @@ def list_files(uri: str) -> list[str]:
         return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
     prefix = loc.path.rstrip("/") + "/" if loc.path else ""
     paginator = _s3_client().get_paginator("list_objects_v2")
+    pages = {"PageSize": int(os.environ.get("EMBEDDER_S3_PAGE_SIZE", "1000"))}
     keys = [
         obj["Key"][len(prefix) :]
-        for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix)
+        for page in paginator.paginate(Bucket=loc.bucket, Prefix=prefix, PaginationConfig=pages)
         for obj in page.get("Contents", [])
         if not obj["Key"].endswith("/")
     ]
