@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from kubernetes.client import models as k8s
+
 from retrain.settings import PodSettings, Settings
+from retrain.stages import EXIT_BAD_INPUT
 
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
-def _restricted_container_context():
-    from kubernetes.client import models as k8s
-
+def _restricted_container_context() -> k8s.V1SecurityContext:
     return k8s.V1SecurityContext(allow_privilege_escalation=False, run_as_non_root=True,
                                  capabilities=k8s.V1Capabilities(drop=["ALL"]),
                                  seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"))
@@ -31,40 +34,36 @@ def _exit_code(pod: Any, container: str) -> int | None:
     return None
 
 
-def _stage_pod_operator_class():
-    """KPO that also deletes pods which never finished (an unschedulable GPU pod must not linger and start later)."""
-    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+class StagePodOperator(KubernetesPodOperator):
+    """KPO for a stage, with two differences in what happens when a pod does not succeed.
 
-    from retrain.stages import EXIT_BAD_INPUT
+    A pod that never finished (Pending or Running at cleanup: an unschedulable GPU pod past its
+    start-up timeout) is deleted, so it cannot start later; failed pods are still kept. A stage
+    that rejected its input (exit code 2) fails the task without retries, as in local mode.
+    """
 
-    class StagePodOperator(KubernetesPodOperator):
-        def cleanup(self, pod, remote_pod, xcom_result=None, context=None):
-            try:
-                return super().cleanup(pod, remote_pod, xcom_result=xcom_result, context=context)
-            except AirflowException as exc:
-                if _exit_code(remote_pod, self.base_container_name) == EXIT_BAD_INPUT:
-                    raise AirflowFailException(
-                        f"stage {self.task_id} rejected its input (exit code {EXIT_BAD_INPUT}); "
-                        f"not retrying. {exc}") from exc
-                raise
+    def cleanup(self, pod, remote_pod, xcom_result=None, context=None):
+        try:
+            return super().cleanup(pod, remote_pod, xcom_result=xcom_result, context=context)
+        except AirflowException as exc:
+            if _exit_code(remote_pod, self.base_container_name) == EXIT_BAD_INPUT:
+                raise AirflowFailException(
+                    f"stage {self.task_id} rejected its input (exit code {EXIT_BAD_INPUT}); not retrying. {exc}"
+                ) from exc
+            raise
 
-        def process_pod_deletion(self, pod, *, reraise=True):
-            phase = getattr(getattr(pod, "status", None), "phase", None)
-            if pod is not None and phase in ("Pending", "Running"):
-                self.log.info("Deleting pod %s: it never finished (phase %s)", pod.metadata.name, phase)
-                self.pod_manager.delete_pod(pod)
-                return True
-            return super().process_pod_deletion(pod, reraise=reraise)
-
-    return StagePodOperator
+    def process_pod_deletion(self, pod, *, reraise=True):
+        phase = getattr(getattr(pod, "status", None), "phase", None)
+        if pod is not None and phase in ("Pending", "Running"):
+            self.log.info("Deleting pod %s: it never finished (phase %s)", pod.metadata.name, phase)
+            self.pod_manager.delete_pod(pod)
+            return True
+        return super().process_pod_deletion(pod, reraise=reraise)
 
 
 def stage_pod_operator(name: str, command: list[str], arguments: list[str], gpu: bool, settings: Settings,
                        **kwargs: Any):
     """The KubernetesPodOperator for one stage: same command and arguments as the local runner."""
-    from kubernetes.client import models as k8s
-
     pod: PodSettings = settings.pods
     gpu = gpu and pod.gpu_count > 0
     res = pod.resources[name]
@@ -81,7 +80,7 @@ def stage_pod_operator(name: str, command: list[str], arguments: list[str], gpu:
         volumes = [k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit="8Gi"))]
         mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm")]
         kwargs.setdefault("pool", pod.gpu_pool)
-    return _stage_pod_operator_class()(
+    return StagePodOperator(
         task_id=name,
         name=f"embedder-{name.replace('_', '-')}",
         kubernetes_conn_id=pod.conn_id,
@@ -108,7 +107,7 @@ def stage_pod_operator(name: str, command: list[str], arguments: list[str], gpu:
         xcom_sidecar_container_security_context=_restricted_container_context(),
         do_xcom_push=True,
         get_logs=True,
-        on_finish_action="delete_succeeded_pod",  # failed pods stay for debugging; see StagePodOperator
+        on_finish_action="delete_succeeded_pod",  # failed pods stay for debugging (see StagePodOperator)
         startup_timeout_seconds=pod.startup_timeout_s,
         reattach_on_restart=True,
         deferrable=pod.deferrable,
