@@ -34,6 +34,9 @@ def mlflow_sqlite(tmp_path, monkeypatch) -> str:
     """A private MLflow store (SQLite, local artifacts) for tests below the server level."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # A SQLite store's default artifact root is ./mlruns relative to the working directory: keep it
+    # (and the stage subprocesses, which inherit the cwd) out of the checkout.
+    monkeypatch.chdir(tmp_path)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
