@@ -15,7 +15,6 @@ truncated, not an image, over the pixel limit), never silently dropped.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from collections import Counter
@@ -29,7 +28,7 @@ from torch.utils.data import Dataset
 
 from embedder import storage
 from embedder.contract import StageInputError
-from embedder.images import DEFAULT_MAX_PIXELS, ImageRejected, decode_rgb
+from embedder.images import DEFAULT_MAX_PIXELS, ImageRejected, decode, decode_rgb
 
 log = logging.getLogger(__name__)
 
@@ -136,19 +135,10 @@ def _check_file(data_uri: str, rel: str, max_pixels: int) -> Entry | Quarantined
     except storage.StorageError as exc:
         return Quarantined(rel, f"unreadable: {exc}")
     try:
-        mode = image_mode(data, max_pixels)
+        mode = decode(data, max_pixels)[1]  # a full decode: truncated or corrupt files fail here
     except ImageRejected as exc:
         return Quarantined(rel, str(exc))
     return Entry(rel, split, label, hashlib.sha256(data).hexdigest(), len(data), mode)
-
-
-def image_mode(data: bytes, max_pixels: int) -> str:
-    """Decode fully (a truncated or corrupt file fails here) and return the file's own mode."""
-    from PIL import Image
-
-    decode_rgb(data, max_pixels)
-    with Image.open(io.BytesIO(data)) as img:
-        return img.mode
 
 
 def scan(data_uri: str, workers: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS) -> Manifest:

@@ -21,8 +21,15 @@ class ImageRejected(ValueError):
 
 
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Fully decode image bytes into RGB: grayscale, palette, CMYK and 16-bit are converted, and
-    transparency is composited onto white (not dropped to black).
+    """Fully decode image bytes into RGB; see :func:`decode`."""
+    return decode(data, max_pixels)[0]
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
+    """Fully decode image bytes into (the image in RGB, the file's own mode).
+
+    Grayscale, palette, CMYK and 16-bit are converted, and transparency is composited onto white
+    (not dropped to black).
 
     The pixel count is checked from the header before anything is decoded, so a decompression bomb
     costs nothing. Raises :class:`ImageRejected` with the reason for anything that is not a complete,
@@ -37,7 +44,7 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
                 raise ImageRejected(f"decompression bomb guard: {width}x{height} = {width * height} pixels, "
                                     f"over the limit of {max_pixels}")
             img.load()
-            return to_rgb(img)
+            return to_rgb(img), img.mode
     except ImageRejected:
         raise
     except Image.DecompressionBombError as exc:
