@@ -91,6 +91,8 @@ with DAG(
         "--batch-size", "{{ params.batch_size }}",
         "--learning-rate", "{{ params.learning_rate }}",
         "--pretrained-weights", "{{ params.pretrained_weights }}",
+        "--checkpoint-root", settings.checkpoint_root,
+        "--checkpoint-every-steps", str(settings.checkpoint_every_steps),
         *common], settings)
     evaluate = stage_operator("evaluate", [
         "--manifest-uri", "{{ ti.xcom_pull(task_ids='prepare_data')['manifest_uri'] }}",

@@ -71,3 +71,32 @@ def _no_ambient_retrain_env(monkeypatch):
     for key in list(os.environ):
         if key.startswith("RETRAIN_"):
             monkeypatch.delenv(key)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server behind :class:`FlakyProxy` (every third request answered 503 first); bucket ``images``."""
+    import threading
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from embedder import storage
+    from tests.support.flaky_s3 import FlakyProxy
+
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    moto.start()
+    proxy = FlakyProxy(f"http://127.0.0.1:{port}")
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "moto", "AWS_SECRET_ACCESS_KEY": "moto", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}",
+                       "EMBEDDER_S3_PAGE_SIZE": "100"}.items():
+        monkeypatch.setenv(key, value)
+    storage._s3_client.cache_clear()
+    direct = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+    direct.create_bucket(Bucket="images")
+    yield direct, proxy
+    storage._s3_client.cache_clear()
+    proxy.shutdown()
+    moto.stop()

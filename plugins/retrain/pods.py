@@ -16,9 +16,10 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
 from retrain.settings import PodSettings, Settings
-from retrain.stages import EXIT_BAD_INPUT
+from retrain.stages import EXIT_BAD_INPUT, EXIT_PREEMPTED, reschedule_after_preemption
 
 GPU_RESOURCE = "nvidia.com/gpu"
+TRAIN_GRACE_S = 120
 
 
 def _restricted_container_context() -> k8s.V1SecurityContext:
@@ -34,13 +35,30 @@ def _exit_code(pod: Any, container: str) -> int | None:
     return None
 
 
+def _preempted(pod: Any, container: str) -> str | None:
+    """Why ``pod`` counts as preempted, or None: the stage's own exit code, or the API's disruption condition."""
+    if _exit_code(pod, container) == EXIT_PREEMPTED:
+        return f"the stage saved a checkpoint on SIGTERM and exited {EXIT_PREEMPTED}"
+    for condition in getattr(getattr(pod, "status", None), "conditions", None) or []:
+        if condition.type == "DisruptionTarget" and condition.status == "True":
+            return f"DisruptionTarget: {condition.reason or 'disrupted'} {condition.message or ''}".strip()
+    return None
+
+
 class StagePodOperator(KubernetesPodOperator):
     """KPO for a stage, with two differences in what happens when a pod does not succeed.
 
     A pod that never finished (Pending or Running at cleanup: an unschedulable GPU pod past its
     start-up timeout) is deleted, so it cannot start later; failed pods are still kept. A stage
-    that rejected its input (exit code 2) fails the task without retries, as in local mode.
+    that rejected its input (exit code 2) fails the task without retries, as in local mode. A
+    stage stopped by a node's preemption (it saved a checkpoint and exited 75, or the pod carries
+    the ``DisruptionTarget`` condition) is rescheduled in the same try, so it does not use up a
+    retry, and resumes from its checkpoint in a new pod.
     """
+
+    def __init__(self, *, preemption_delay_s: float = 30.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.preemption_delay_s = preemption_delay_s
 
     def cleanup(self, pod, remote_pod, xcom_result=None, context=None):
         try:
@@ -50,6 +68,11 @@ class StagePodOperator(KubernetesPodOperator):
                 raise AirflowFailException(
                     f"stage {self.task_id} rejected its input (exit code {EXIT_BAD_INPUT}); not retrying. {exc}"
                 ) from exc
+            reason = _preempted(remote_pod, self.base_container_name)
+            if reason and not self._killed:
+                self.log.warning("pod %s was preempted (%s); rescheduling the task in %.0f s, same try",
+                                 remote_pod.metadata.name, reason, self.preemption_delay_s)
+                raise reschedule_after_preemption(self.preemption_delay_s) from exc
             raise
 
     def process_pod_deletion(self, pod, *, reraise=True):
@@ -111,5 +134,8 @@ def stage_pod_operator(name: str, command: list[str], arguments: list[str], gpu:
         startup_timeout_seconds=pod.startup_timeout_s,
         reattach_on_restart=True,
         deferrable=pod.deferrable,
+        preemption_delay_s=settings.preemption_delay_s,
+        # Time between SIGTERM and SIGKILL: the train stage finishes its step and saves a checkpoint.
+        termination_grace_period=TRAIN_GRACE_S if name == "train" else None,
         **kwargs,
     )

@@ -8,25 +8,30 @@ stage writes one JSON document to its result path; the runner returns it as the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import signal
 import subprocess
 import tempfile
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowRescheduleException
 
 from retrain.settings import Settings
 
 # embedder.contract.EXIT_BAD_INPUT: the stage rejected its input; retrying cannot help.
 EXIT_BAD_INPUT = 2
+# embedder.contract.EXIT_PREEMPTED: stopped by SIGTERM after saving progress; run it again to resume.
+EXIT_PREEMPTED = 75
 RESULT_PATH_ENV = "EMBEDDER_RESULT_PATH"
 
 
@@ -56,13 +61,17 @@ class LocalStageOperator(BaseOperator):
     template_fields: Sequence[str] = ("arguments",)
     ui_color = "#e8f4ea"
 
-    def __init__(self, *, stage: StageSpec, arguments: list[str], python: str, env: dict[str, str], **kwargs: Any):
+    def __init__(self, *, stage: StageSpec, arguments: list[str], python: str, env: dict[str, str],
+                 preemption_delay_s: float = 30.0, kill_grace_s: float = 30.0, **kwargs: Any):
         super().__init__(**kwargs)
         self.stage = stage
         self.arguments = arguments
         self.python = python
         self.env = env
+        self.preemption_delay_s = preemption_delay_s
+        self.kill_grace_s = kill_grace_s
         self._proc: subprocess.Popen[str] | None = None
+        self._killed = False
 
     def execute(self, context: Any) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix=f"{self.stage.name}-") as tmp:
@@ -80,6 +89,10 @@ class LocalStageOperator(BaseOperator):
             code = self._proc.wait()
             if code == EXIT_BAD_INPUT:
                 raise AirflowFailException(f"stage {self.stage.name} rejected its input: {_last_error(tail)}")
+            if code == EXIT_PREEMPTED and not self._killed:
+                self.log.warning("stage %s was stopped by SIGTERM and saved its progress; rescheduling it in %.0f s "
+                                 "(same try: preemptions do not use up retries)", self.stage.name, self.preemption_delay_s)
+                raise reschedule_after_preemption(self.preemption_delay_s)
             if code != 0:
                 raise AirflowException(f"stage {self.stage.name} failed with exit code {code}: {_last_error(tail)}")
             if not result_path.exists():
@@ -87,8 +100,27 @@ class LocalStageOperator(BaseOperator):
             return json.loads(result_path.read_text())
 
     def on_kill(self) -> None:
-        if self._proc and self._proc.poll() is None:
-            os.killpg(self._proc.pid, signal.SIGTERM)
+        """SIGTERM the stage (it saves a checkpoint and exits); SIGKILL its process group after the grace period."""
+        self._killed = True
+        proc = self._proc
+        if not proc or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.kill_grace_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def reschedule_after_preemption(delay_s: float) -> AirflowRescheduleException:
+    """The exception that runs a preempted stage again, in the same try, after ``delay_s``.
+
+    A reschedule keeps the task's try number, so a preempted node does not use up a retry; the
+    stage resumes from the checkpoint it saved. The stage caps how often one run may be preempted
+    (``--max-preemptions``); past that it fails like any other error and retries count again.
+    """
+    return AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=delay_s))
 
 
 def _last_error(tail: deque[str]) -> str:
@@ -103,7 +135,7 @@ def stage_operator(name: str, arguments: list[str], settings: Settings, **kwargs
     spec = STAGES[name]
     if settings.runner == "local":
         return LocalStageOperator(task_id=name, stage=spec, arguments=arguments, python=settings.local_python,
-                                  env=settings.stage_env(), **kwargs)
+                                  env=settings.stage_env(), preemption_delay_s=settings.preemption_delay_s, **kwargs)
     from retrain.pods import stage_pod_operator
 
     return stage_pod_operator(name, spec.command(), arguments, spec.gpu, settings, **kwargs)

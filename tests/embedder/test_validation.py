@@ -5,19 +5,14 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import boto3
 import mlflow
 import pytest
-import requests
 from mlflow import MlflowClient
 from PIL import Image
 
 from embedder import data, storage
 from tests.embedder.test_stages import run_stage
-from tests.helpers import free_port
 
 MAX_PIXELS = 1_000_000
 
@@ -118,73 +113,6 @@ def test_classes_added_and_removed_since_the_champion_are_reported(digits_root, 
     assert second["class_changes"] == {"added": ["ten"], "removed": ["nine"]}
     tags = MlflowClient().get_run(second["mlflow_run_id"]).data.tags
     assert (tags["classes_added"], tags["classes_removed"]) == ("ten", "nine")
-
-
-class FlakyProxy(ThreadingHTTPServer):
-    """Forwards to moto's server, answering every third request with S3's 503 SlowDown first."""
-
-    def __init__(self, upstream: str):
-        self.upstream, self.count, self.injected, self.list_pages = upstream, 0, 0, 0
-        self.lock = threading.Lock()
-        super().__init__(("127.0.0.1", free_port()), self._handler())
-
-    def _handler(self):
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _forward(self):
-                with proxy.lock:
-                    proxy.count += 1
-                    fail = proxy.count % 3 == 0
-                    proxy.injected += fail
-                if fail:
-                    body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                proxy.list_pages += "list-type=2" in self.path
-                length = int(self.headers.get("Content-Length") or 0)
-                resp = requests.request(self.command, proxy.upstream + self.path, data=self.rfile.read(length),
-                                        headers={k: v for k, v in self.headers.items() if k.lower() != "host"},
-                                        timeout=30)
-                self.send_response(resp.status_code)
-                for key, value in resp.headers.items():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(resp.content)))
-                self.end_headers()
-                self.wfile.write(resp.content)
-
-            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _forward
-
-        return Handler
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    moto.start()
-    proxy = FlakyProxy(f"http://127.0.0.1:{port}")
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    for key, value in {"AWS_ACCESS_KEY_ID": "moto", "AWS_SECRET_ACCESS_KEY": "moto", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy.server_address[1]}",
-                       "EMBEDDER_S3_PAGE_SIZE": "100"}.items():
-        monkeypatch.setenv(key, value)
-    storage._s3_client.cache_clear()
-    direct = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
-    direct.create_bucket(Bucket="images")
-    yield direct, proxy
-    storage._s3_client.cache_clear()
-    proxy.shutdown()
-    moto.stop()
 
 
 def test_s3_data_root_with_pagination_and_transient_errors(s3, messy_root):

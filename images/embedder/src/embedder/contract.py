@@ -3,7 +3,9 @@
 A stage parses its flags, does its work, writes one JSON object to the result path (which the
 runner turns into the task's XCom) and exits 0. Bad input raises :class:`StageInputError`; the
 stage then exits with :data:`EXIT_BAD_INPUT` and a one-line message that names the culprit, so
-the runner can fail the task without retrying a run that cannot succeed.
+the runner can fail the task without retrying a run that cannot succeed. A stage that was asked to
+stop (SIGTERM: a preempted node, a drained pod) and saved its progress raises :class:`StagePreempted`
+and exits with :data:`EXIT_PREEMPTED`; the runner reschedules the task without using up a retry.
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ from typing import Any
 DEFAULT_RESULT_PATH = "/airflow/xcom/return.json"
 RESULT_PATH_ENV = "EMBEDDER_RESULT_PATH"
 EXIT_BAD_INPUT = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving progress; run it again to resume
 
 log = logging.getLogger("embedder")
 
 
 class StageInputError(ValueError):
     """An input (path, value, file) is wrong; the message says which and how to fix it."""
+
+
+class StagePreempted(RuntimeError):
+    """The stage stopped on request (SIGTERM) after saving what it needs to resume."""
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -65,6 +72,9 @@ def run_stage(
     except StageInputError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except StagePreempted as exc:
+        print(f"{parser.prog}: preempted: {exc}", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     write_result(result_path(args), payload)
     log.info("%s: result written to %s", parser.prog, result_path(args))
     return 0

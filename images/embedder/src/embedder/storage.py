@@ -121,6 +121,15 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+def delete(uri: str) -> None:
+    """Remove one file or object; a missing one is not an error."""
+    loc = parse(uri)
+    if loc.scheme == "file":
+        Path(loc.path).unlink(missing_ok=True)
+        return
+    _s3_client().delete_object(Bucket=loc.bucket, Key=loc.path)
+
+
 def list_files(uri: str) -> list[str]:
     """Every file under ``uri``, as paths relative to it (``/``-separated), sorted.
 

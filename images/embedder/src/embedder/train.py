@@ -1,34 +1,57 @@
 """Stage ``train``: fine-tune a torchvision ResNet as a classifier and log the embedder to MLflow.
 
 Trains on the manifest's ``train`` split (validation accuracy on ``val`` when present), logs
-params, per-epoch metrics (loss, accuracy, images/s) and the model (PyTorch flavor, with a
-signature) whose forward drops the head and returns L2-normalised embeddings. The run is tagged
-with the Airflow DAG/run, the dataset version, the code version and the image.
+params, metrics (a batch loss every few steps; loss, accuracy, images/s per epoch) and the model
+(PyTorch flavor, with a signature) whose forward drops the head and returns L2-normalised
+embeddings. The run is tagged with the Airflow DAG/run, the dataset version, the code version and
+the image.
+
+Fault tolerance. With a checkpoint location (``--checkpoint-root`` plus the Airflow DAG and run,
+or ``--checkpoint-uri``) the stage saves the whole training state every
+``--checkpoint-every-steps`` steps and at each epoch end (see :mod:`embedder.checkpoint`). When it
+starts for a run that has checkpoints it resumes from the newest intact one, in the same MLflow
+run, without logging any metric step twice. On SIGTERM (a preempted node, a drained pod) it
+finishes the current step, saves a checkpoint and exits with ``EXIT_PREEMPTED``, which the runner
+turns into a reschedule rather than a retry. Training is reproducible across such interruptions:
+each epoch's order and each image's augmentation are drawn from generators seeded by
+``(seed, epoch, index)``, not from history, so with ``--deterministic`` a resumed run ends with the
+same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
+import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import torch
+from mlflow.entities import Metric
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 import embedder
-from embedder import contract, data, images, model, tracking
+from embedder import checkpoint, contract, data, images, model, tracking
 
 log = logging.getLogger(__name__)
+
+EPOCH_METRICS = ("train_loss", "train_accuracy", "images_per_sec", "epoch_seconds", "learning_rate", "val_accuracy")
+STEP_METRICS = ("batch_loss",)
+# Arguments that change what is trained; a checkpoint saved under other values is not resumed.
+CONFIG_ARGS = ("architecture", "image_size", "epochs", "batch_size", "learning_rate", "weight_decay", "augment",
+               "pretrained_weights", "seed", "amp")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,18 +67,162 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--augment", default="crop", choices=images.AUGMENTATIONS)
     parser.add_argument("--pretrained-weights", default="", help="optional torchvision state dict (file:// or s3://)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
+    parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
+                        help="mixed precision with a gradient scaler (auto: on for CUDA, off on the CPU)")
     parser.add_argument("--num-workers", type=int, default=-1, help="data loader workers (-1: from the CPU budget)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: the CPU budget)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower; for reproducible runs)")
+    group = parser.add_argument_group("checkpoints and resume")
+    group.add_argument("--checkpoint-root", default="",
+                       help="storage prefix for checkpoints; this run's are under <root>/<airflow dag id>/<airflow run id>")
+    group.add_argument("--checkpoint-uri", default="", help="this run's checkpoint location (overrides --checkpoint-root)")
+    group.add_argument("--checkpoint-every-steps", type=int, default=500,
+                       help="save every N optimizer steps, besides every epoch end (0: epoch ends only)")
+    group.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept, besides the best one")
+    group.add_argument("--max-preemptions", type=int, default=20,
+                       help="after this many SIGTERM stops the run fails like any other error")
+    group.add_argument("--log-every-steps", type=int, default=10, help="log the batch loss every N steps")
     return contract.add_common_arguments(parser)
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    for name, minimum in (("epochs", 1), ("batch_size", 1), ("image_size", 32)):
+    for name, minimum in (("epochs", 1), ("batch_size", 1), ("image_size", 32), ("checkpoint_every_steps", 0),
+                          ("keep_checkpoints", 1), ("log_every_steps", 1), ("max_preemptions", 0)):
         if getattr(args, name) < minimum:
             raise contract.StageInputError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
     if not args.learning_rate > 0:
         raise contract.StageInputError(f"--learning-rate must be positive, got {args.learning_rate}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise contract.StageInputError("--device cuda, but no CUDA device is visible (check the GPU request and driver)")
+
+
+def config_fingerprint(args: argparse.Namespace, classes: list[str]) -> str:
+    config = {name: getattr(args, name) for name in CONFIG_ARGS} | {"classes": classes}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- data: an order and augmentations that do not depend on history ----------------------------
+
+
+def _mix(*values: int) -> int:
+    h = 0
+    for v in values:
+        h = (h * 1_000_003 + v) % (2**63 - 1)
+    return h
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(epoch, index)`` keys: epoch ``e``'s order comes from a generator seeded by
+    ``(seed, e)``, so it is the same whether or not training was interrupted before it, and
+    ``set_epoch(e, start_batch)`` resumes in the middle of it."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, drop_last: bool):
+        self.size, self.batch_size, self.seed, self.drop_last = size, batch_size, seed, drop_last
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(_mix(self.seed, self.epoch))).tolist()
+        for b in range(self.start_batch, self.batches_per_epoch):
+            yield [(self.epoch, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.start_batch)
+
+
+class SeededDataset(Dataset):
+    """Looks up ``(epoch, index)`` keys; each sample's random augmentation is seeded by ``(seed, epoch, index)``."""
+
+    def __init__(self, base: data.ManifestDataset, seed: int):
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_mix(self.seed, epoch, index))
+            return self.base[index]
+
+
+def _worker_init(_worker_id: int) -> None:
+    # SIGTERM goes to the trainer, which stops the workers itself after saving a checkpoint.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def loader_workers(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    budget = model.cpu_budget()
+    return 0 if budget <= 2 else min(8, budget - 1)
+
+
+def make_loaders(manifest: data.Manifest, class_to_idx: dict[str, int], args: argparse.Namespace,
+                 pin_memory: bool = False):
+    workers = loader_workers(args.num_workers)
+    common = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": pin_memory,
+              "worker_init_fn": _worker_init if workers else None}
+    train_set = data.ManifestDataset(manifest, "train", class_to_idx, images.train_transform(args.image_size, args.augment))
+    sampler = EpochBatchSampler(len(train_set), args.batch_size, args.seed, drop_last=len(train_set) > args.batch_size)
+    train_loader = DataLoader(SeededDataset(train_set, args.seed), batch_sampler=sampler, **common)
+    val_set = data.ManifestDataset(manifest, "val", class_to_idx, images.eval_transform(args.image_size))
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, shuffle=False, **common) if len(val_set) else None
+    return train_loader, val_loader
+
+
+# -- the training state ------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done in the epoch in progress
+    global_step: int = 0
+    loss_sum: float = 0.0  # over the epoch in progress
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+    def next_epoch(self) -> None:
+        self.epoch += 1
+        self.batch = self.seen = self.correct = 0
+        self.loss_sum = self.seconds = 0.0
+
+
+class EpochMeter:
+    """The epoch's loss and correct counts: summed on the device, copied into ``progress`` by ``sync``.
+
+    Keeping the sums on the device avoids a GPU sync per step; ``sync`` (at checkpoints and the
+    epoch end) also adds the time since the last sync to ``progress.seconds``.
+    """
+
+    def __init__(self, progress: Progress, device: torch.device):
+        self.progress = progress
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.loss_before, self.correct_before = progress.loss_sum, progress.correct
+        self.mark = time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        self.loss_sum += loss_sum
+        self.correct += correct
+
+    def sync(self) -> None:
+        self.progress.loss_sum = self.loss_before + self.loss_sum.item()
+        self.progress.correct = self.correct_before + int(self.correct.item())
+        now = time.perf_counter()
+        self.progress.seconds += now - self.mark
+        self.mark = now
 
 
 @dataclass
@@ -70,8 +237,48 @@ class EpochStats:
         return self.images / self.seconds if self.seconds else 0.0
 
 
+class Trainer:
+    """The model, optimizer, LR schedule and gradient scaler, and one optimizer step."""
+
+    def __init__(self, net: model.Classifier, args: argparse.Namespace, device: torch.device):
+        self.net = net.to(device)
+        self.device = device
+        self.amp = (device.type == "cuda" and args.amp == "auto") or args.amp == "on"
+        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        self.optimizer = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=args.epochs)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp and self.amp_dtype == torch.float16)
+        self.criterion = nn.CrossEntropyLoss()
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; returns the batch's summed loss and correct count (on the device)."""
+        self.net.train()
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            logits = self.net(inputs)
+            loss = self.criterion(logits, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach() * len(targets), (logits.argmax(1) == targets).sum()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+
+
 def train_one_epoch(net: model.Classifier, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     loader: DataLoader) -> EpochStats:
+    """A plain epoch over ``loader`` (no checkpoints); the benchmark's reference point."""
     net.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -88,31 +295,149 @@ def train_one_epoch(net: model.Classifier, criterion: nn.Module, optimizer: torc
 
 
 @torch.inference_mode()
-def accuracy(net: model.Classifier, loader: DataLoader) -> float:
+def accuracy(net: model.Classifier, loader: DataLoader, device: torch.device | None = None) -> float:
     net.eval()
     correct = seen = 0
     for inputs, targets in loader:
+        if device is not None:
+            inputs, targets = inputs.to(device), targets.to(device)
         correct += (net(inputs).argmax(1) == targets).sum().item()
         seen += len(targets)
     return correct / seen if seen else float("nan")
 
 
-def loader_workers(requested: int) -> int:
-    if requested >= 0:
-        return requested
-    budget = model.cpu_budget()
-    return 0 if budget <= 2 else min(8, budget - 1)
+# -- metrics that are never logged twice -------------------------------------------------------
 
 
-def make_loaders(manifest: data.Manifest, class_to_idx: dict[str, int], args: argparse.Namespace):
-    workers = loader_workers(args.num_workers)
-    gen = torch.Generator().manual_seed(args.seed)
-    common = {"batch_size": args.batch_size, "num_workers": workers, "persistent_workers": workers > 0}
-    train_set = data.ManifestDataset(manifest, "train", class_to_idx, images.train_transform(args.image_size, args.augment))
-    train_loader = DataLoader(train_set, shuffle=True, drop_last=len(train_set) > args.batch_size, generator=gen, **common)
-    val_set = data.ManifestDataset(manifest, "val", class_to_idx, images.eval_transform(args.image_size))
-    val_loader = DataLoader(val_set, shuffle=False, **common) if len(val_set) else None
-    return train_loader, val_loader
+class MetricLog:
+    """Buffers metrics and logs them in batches; a ``(key, step)`` already in the run is dropped.
+
+    A resumed run recomputes the steps between its checkpoint and the interruption; the floors
+    read from the run's metric history keep those steps from being logged a second time.
+    """
+
+    def __init__(self, run_id: str, keys: tuple[str, ...], resumed: bool):
+        self.client = mlflow.MlflowClient()
+        self.run_id = run_id
+        self.floor: dict[str, int] = {}
+        if resumed:
+            for key in keys:
+                steps = [m.step for m in self.client.get_metric_history(run_id, key)]
+                if steps:
+                    self.floor[key] = max(steps)
+        self.pending: list[Metric] = []
+        self.dropped = 0
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if step <= self.floor.get(key, -1):
+                self.dropped += 1
+                continue
+            self.pending.append(Metric(key, float(value), now, step))
+            self.floor[key] = step
+
+    def flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:1000], self.pending[1000:]
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+
+# -- SIGTERM -----------------------------------------------------------------------------------
+
+
+class StopSignal:
+    """Turns SIGTERM into a request the training loop honours at the next step boundary.
+
+    Outside the loop (``immediate``) the request raises at once: after the final checkpoint
+    nothing is lost by stopping, and the grace period may be short.
+    """
+
+    def __init__(self):
+        self.requested_at: float | None = None
+        self.immediate = False
+        self._previous = None
+
+    def __enter__(self) -> StopSignal:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        first = self.requested_at is None
+        self.requested_at = self.requested_at or time.monotonic()
+        if first:
+            log.warning("SIGTERM received: saving a checkpoint and stopping")
+        if self.immediate:
+            raise contract.StagePreempted("SIGTERM after the last checkpoint; the retry resumes from it")
+
+    @property
+    def requested(self) -> bool:
+        return self.requested_at is not None
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def fit(trainer: Trainer, progress: Progress, args: argparse.Namespace, train_loader: DataLoader,
+        val_loader: DataLoader | None, metrics: MetricLog | None, saver: checkpoint.AsyncCheckpointer | None,
+        stop: StopSignal, base_state: dict[str, Any]) -> dict[str, float]:
+    """Train from ``progress`` to ``args.epochs``; returns the last epoch's metrics."""
+    sampler: EpochBatchSampler = train_loader.batch_sampler
+    per_epoch = sampler.batches_per_epoch
+    last: dict[str, float] = {}
+
+    def save(wait: bool = False, metric: float | None = None) -> None:
+        if metrics:
+            metrics.flush()
+        if saver is None:
+            return
+        state = {**base_state, **trainer.state_dict(), "progress": asdict(progress), "rng": checkpoint.rng_state()}
+        saver.save(state, wait=wait, global_step=progress.global_step, epoch=progress.epoch, batch=progress.batch,
+                   metric=metric)
+
+    for epoch in range(progress.epoch, args.epochs):
+        sampler.set_epoch(epoch, progress.batch)
+        meter = EpochMeter(progress, trainer.device)
+        for inputs, targets in train_loader:
+            batch_loss, batch_correct = trainer.step(inputs, targets)
+            meter.add(batch_loss, batch_correct)
+            progress.batch += 1
+            progress.global_step += 1
+            progress.seen += len(targets)
+            if metrics and progress.global_step % args.log_every_steps == 0:
+                metrics.add({"batch_loss": batch_loss.item() / len(targets)}, progress.global_step)
+            if stop.requested:
+                meter.sync()
+                if saver is None:
+                    raise contract.StagePreempted("SIGTERM and no checkpoint location; the retry starts over")
+                save(wait=True)
+                raise contract.StagePreempted(
+                    f"SIGTERM at epoch {epoch + 1}, step {progress.global_step}; checkpoint saved "
+                    f"{time.monotonic() - stop.requested_at:.1f} s after the signal")
+            if args.checkpoint_every_steps and progress.global_step % args.checkpoint_every_steps == 0 \
+                    and progress.batch < per_epoch:
+                meter.sync()
+                save()
+        meter.sync()
+        trainer.scheduler.step()
+        seen = progress.seen
+        stats = EpochStats(progress.loss_sum / seen, progress.correct / seen, seen, progress.seconds)
+        last = {"train_loss": stats.loss, "train_accuracy": stats.accuracy, "images_per_sec": stats.images_per_sec,
+                "epoch_seconds": stats.seconds, "learning_rate": trainer.scheduler.get_last_lr()[0]}
+        if val_loader is not None:
+            last["val_accuracy"] = accuracy(trainer.net, val_loader, trainer.device)
+        log.info("epoch %d/%d: %s", epoch + 1, args.epochs, ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
+        if metrics:
+            metrics.add(last, epoch + 1)
+        progress.next_epoch()
+        # The best checkpoint is the one with the best validation accuracy (lowest loss without one).
+        save(wait=epoch + 1 == args.epochs or stop.requested, metric=last.get("val_accuracy", -last["train_loss"]))
+        if stop.requested:
+            raise contract.StagePreempted(f"SIGTERM during epoch {epoch + 1}; its end-of-epoch checkpoint is saved")
+    return last
 
 
 def signature(image_size: int, dim: int) -> ModelSignature:
@@ -140,62 +465,143 @@ def log_model(net: model.Classifier, classes: list[str], dataset_version: str, a
         )
 
 
+def checkpoint_location(args: argparse.Namespace) -> str | None:
+    if args.checkpoint_uri:
+        return args.checkpoint_uri
+    if args.checkpoint_root and args.airflow_run_id:
+        return checkpoint.run_location(args.checkpoint_root, args.airflow_dag_id or "no-dag", args.airflow_run_id)
+    if args.checkpoint_root:
+        log.warning("--checkpoint-root without --airflow-run-id: no run to key checkpoints by, so none are saved")
+    return None
+
+
+def _usable_run(run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     validate_args(args)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or model.cpu_budget())
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
 
     manifest = data.read_manifest(args.manifest_uri)
     version = manifest.dataset_version
     classes = manifest.classes
     class_to_idx = {c: i for i, c in enumerate(classes)}
+    config = config_fingerprint(args, classes)
+
+    location = checkpoint_location(args)
+    store = checkpoint.CheckpointStore(location, keep_last=args.keep_checkpoints) if location else None
+    restored = store.restore(version, config) if store else None
+    saved = store.manifest if store else None
+    if saved and saved.matches(version, config) and saved.completed:
+        log.info("training for this run already finished (%s); returning its result", saved.completed.get("model_uri"))
+        return saved.completed
+    if saved and saved.matches(version, config) and saved.preemptions > args.max_preemptions:
+        raise RuntimeError(f"this run was preempted {saved.preemptions} times (limit --max-preemptions "
+                           f"{args.max_preemptions}); failing so it is retried or looked at")
+
     try:
         net = model.build(args.architecture, len(classes), args.pretrained_weights or None)
     except ValueError as exc:
         raise contract.StageInputError(str(exc)) from None
-    train_loader, val_loader = make_loaders(manifest, class_to_idx, args)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
-    criterion = nn.CrossEntropyLoss()
+    train_loader, val_loader = make_loaders(manifest, class_to_idx, args, pin_memory=device.type == "cuda")
+    trainer = Trainer(net, args, device)
+    progress = Progress()
 
     tags = {**contract.airflow_tags(args), "stage": "train", "dataset_version": version,
             "code_version": tracking.code_version(), "image": tracking.image_ref()}
     tracking.use_experiment(args.experiment)
-    with mlflow.start_run(run_name=f"train {args.airflow_run_id or version}", tags=tags) as run:
-        mlflow.log_input(tracking.dataset_input(args.manifest_uri, version), context="training")
-        mlflow.log_params({
-            "architecture": args.architecture, "image_size": args.image_size, "epochs": args.epochs,
-            "batch_size": args.batch_size, "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
-            "augment": args.augment, "seed": args.seed, "pretrained_weights": args.pretrained_weights or "none",
-            "num_classes": len(classes), "train_images": len(train_loader.dataset),
-            "num_workers": train_loader.num_workers, "threads": torch.get_num_threads(),
-        })
-        stats = None
-        for epoch in range(args.epochs):
-            stats = train_one_epoch(net, criterion, optimizer, train_loader)
-            scheduler.step()
-            metrics = {"train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                       "images_per_sec": stats.images_per_sec, "epoch_seconds": stats.seconds,
-                       "learning_rate": scheduler.get_last_lr()[0]}
-            if val_loader is not None:
-                metrics["val_accuracy"] = accuracy(net, val_loader)
-            mlflow.log_metrics(metrics, step=epoch + 1)
-            log.info("epoch %d/%d: %s", epoch + 1, args.epochs, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    run_id = saved.mlflow_run_id if saved and saved.matches(version, config) else None
+    resuming = _usable_run(run_id)
+    if run_id and not resuming:
+        log.warning("MLflow run %s of the saved checkpoints is gone; starting a new run", run_id)
+        restored = None
+    with mlflow.start_run(run_id=run_id if resuming else None, run_name=f"train {args.airflow_run_id or version}",
+                          tags=tags) as run:
+        if not resuming:
+            mlflow.log_input(tracking.dataset_input(args.manifest_uri, version), context="training")
+            mlflow.log_params({
+                "architecture": args.architecture, "image_size": args.image_size, "epochs": args.epochs,
+                "batch_size": args.batch_size, "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
+                "augment": args.augment, "seed": args.seed, "pretrained_weights": args.pretrained_weights or "none",
+                "num_classes": len(classes), "train_images": len(train_loader.dataset),
+                "num_workers": train_loader.num_workers, "threads": torch.get_num_threads(), "device": device.type,
+                "amp": trainer.amp, "checkpoint_every_steps": args.checkpoint_every_steps,
+                "checkpoint_location": location or "none",
+            })
+        if store:
+            store.begin(version, config, run.info.run_id)
+        if restored:
+            trainer.load_state_dict(restored.state)
+            progress = Progress(**restored.state["progress"])
+            checkpoint.set_rng_state(restored.state["rng"])
+            resumes = store.update(lambda m: setattr(m, "resumes", m.resumes + 1)).resumes
+            where = f"epoch {progress.epoch + 1}, batch {progress.batch}, global step {progress.global_step}"
+            log.info("resuming from %s (%s); resume #%d", store._uri(restored.record.name), where, resumes)
+            mlflow.set_tags({"resume.count": resumes, "resume.from_checkpoint": restored.record.name,
+                             "resume.from_step": progress.global_step,
+                             "resume.skipped": "; ".join(restored.skipped) or "none"})
+        elif resuming:
+            log.info("continuing MLflow run %s from the beginning (no usable checkpoint)", run_id)
 
-        info = log_model(net, classes, version, args)
-    return {
-        "mlflow_run_id": run.info.run_id,
-        "model_uri": info.model_uri,
-        "dataset_version": version,
-        "architecture": args.architecture,
-        "image_size": args.image_size,
-        "embedding_dim": net.embedder.embedding_dim,
-        "final_train_loss": stats.loss,
-        "final_val_accuracy": metrics.get("val_accuracy"),
-        "images_per_sec": stats.images_per_sec,
-    }
+        metrics = MetricLog(run.info.run_id, EPOCH_METRICS + STEP_METRICS, resumed=resuming)
+        saver = checkpoint.AsyncCheckpointer(store) if store else None
+        base_state = {"format": checkpoint.FORMAT, "dataset_version": version, "config": config,
+                      "mlflow_run_id": run.info.run_id}
+        try:
+            with StopSignal() as stop:
+                try:
+                    last = fit(trainer, progress, args, train_loader, val_loader, metrics, saver, stop, base_state)
+                finally:
+                    if saver:
+                        saver.flush()
+                    metrics.flush()
+                stop.immediate = True
+                if stop.requested:
+                    raise contract.StagePreempted("SIGTERM after the last checkpoint; the retry resumes from it")
+                if not last:  # resumed after the last epoch: nothing left but the export
+                    last = {k: v for k, v in mlflow.get_run(run.info.run_id).data.metrics.items() if k in EPOCH_METRICS}
+                if metrics.dropped:
+                    log.info("%d metric values were already in the run and not logged again", metrics.dropped)
+                if saver:
+                    mlflow.log_metrics({"checkpoint_blocking_seconds": saver.blocking_seconds,
+                                        "checkpoint_write_seconds": saver.write_seconds}, step=progress.global_step)
+                info = log_model(trainer.net.cpu(), classes, version, args)
+        except contract.StagePreempted:
+            if store:
+                store.update(lambda m: setattr(m, "preemptions", m.preemptions + 1))
+            mlflow.set_tag("preempted", "true")
+            mlflow.end_run(status="KILLED")
+            raise
+
+        result = {
+            "mlflow_run_id": run.info.run_id,
+            "model_uri": info.model_uri,
+            "dataset_version": version,
+            "architecture": args.architecture,
+            "image_size": args.image_size,
+            "embedding_dim": net.embedder.embedding_dim,
+            "final_train_loss": last.get("train_loss"),
+            "final_val_accuracy": last.get("val_accuracy"),
+            "images_per_sec": last.get("images_per_sec"),
+            "resumed": bool(restored),
+        }
+        if store:
+            store.update(lambda m: setattr(m, "completed", result))
+    return result
 
 
 if __name__ == "__main__":
