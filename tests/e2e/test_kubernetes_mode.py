@@ -139,6 +139,37 @@ def test_deferrable_mode_runs_the_stages_through_the_triggerer(cluster):
     assert version.tags["champion.version"] == "1"  # evaluated against the champion on the same snapshot
 
 
+def test_a_preempted_train_pod_is_rescheduled_in_the_same_try_and_resumes(cluster):
+    """A node shutdown mid-training: SIGTERM, checkpoint, exit 75; a new pod in the same try resumes it."""
+    emulator, settings, airflow_env = cluster
+    before = len(emulator.created)
+    checkpoints = settings.home / "storage" / "checkpoints" / "retrain_embedder"
+    earlier_runs = set(checkpoints.glob("*"))
+    proc = subprocess.Popen([AIRFLOW, "dags", "test", "retrain_embedder", "--conf", json.dumps(
+        {"force_retrain": True, "epochs": 3, "image_size": 32, "batch_size": 32})],
+        env={**airflow_env, "RETRAIN_PREEMPTION_DELAY_S": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    deadline = time.monotonic() + 600
+    while not {p.parent for p in checkpoints.glob("*/ckpt-*.pt")} - earlier_runs:  # this run's first checkpoint
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-6000:]
+        time.sleep(0.1)
+    first = next(p for p in emulator.created[before:] if p["metadata"]["labels"]["retrain/stage"] == "train")
+    emulator.preempt("retrain", first["metadata"]["name"])
+    out = proc.communicate(timeout=900)[0]
+    assert re.search(r"DagRun Finished: .*?state=success", out), out[-8000:]
+
+    pods = [p for p in emulator.created[before:] if p["metadata"]["labels"]["retrain/stage"] == "train"]
+    assert len(pods) == 2
+    assert [p["metadata"]["labels"]["try_number"] for p in pods] == ["1", "1"]  # no retry was used up
+    assert "was preempted (the stage saved a checkpoint on SIGTERM and exited 75)" in out
+    assert "Rescheduling task, marking task as UP_FOR_RESCHEDULE" in out
+    kept = next(p for p in emulator.pods() if p["metadata"]["name"] == first["metadata"]["name"])
+    assert kept["status"]["phase"] == "Failed"  # kept, like any pod that did not succeed
+    assert any(c["type"] == "DisruptionTarget" for c in kept["status"]["conditions"])
+    second = emulator.logs_of("retrain", pods[1]["metadata"]["name"])
+    assert "resuming from" in second and "resume #1" in second
+
+
 def test_role_grants_exactly_what_the_operator_called(cluster):
     emulator, _, _ = cluster
     granted = rbac_rules(kustomize("gpu"), "airflow-worker")

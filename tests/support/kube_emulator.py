@@ -27,6 +27,7 @@ import copy
 import datetime as dt
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -207,6 +208,22 @@ class KubeEmulator:
         self.objects[("deployments", meta["namespace"], meta["name"])] = self._bump(deployment)
         self.pod_ready = ready or (lambda template: True)
         self.revisions[(meta["namespace"], meta["name"])] = [copy.deepcopy(deployment["spec"]["template"])]
+
+    def preempt(self, namespace: str, name: str, reason: str = "TerminationByKubelet") -> None:
+        """What a node's preemption does to a running pod: the ``DisruptionTarget`` condition, then SIGTERM.
+
+        The kubelet then waits for the container to exit (the grace period); its exit code is reported
+        as for any other exit.
+        """
+        async def preempt() -> None:
+            pod = self.objects[("pods", namespace, name)]
+            pod["status"].setdefault("conditions", []).append(self._condition(
+                "DisruptionTarget", "True", reason, "Pod was terminated in response to imminent node shutdown."))
+            self._bump(pod)
+            self._event(namespace, name, "Killing", "Stopping container base", "Normal")
+            self.containers[(namespace, name)].proc.send_signal(signal.SIGTERM)
+
+        asyncio.run_coroutine_threadsafe(preempt(), self._loop).result(10)
 
     def deployment(self, namespace: str, name: str) -> dict:
         return copy.deepcopy(self.objects[("deployments", namespace, name)])

@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -343,7 +342,3 @@ class AsyncCheckpointer:
         finally:
             self.write_seconds += time.perf_counter() - start
 
-
-def local_path(uri: str) -> Path | None:
-    loc = storage.parse(uri)
-    return Path(loc.path) if loc.scheme == "file" else None

@@ -1,0 +1,92 @@
+"""The local stage runner: exit codes become the right Airflow outcome, and on_kill stops the stage politely."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+
+import pytest
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowRescheduleException
+
+from retrain.stages import LocalStageOperator, StageSpec
+
+
+def fake_stage(tmp_path, body: str) -> str:
+    """An executable standing in for ``python``: ``<it> -m embedder.x ...`` runs ``body`` (a shell script)."""
+    script = tmp_path / "stage.sh"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def operator(tmp_path, body: str, **kwargs) -> LocalStageOperator:
+    return LocalStageOperator(task_id="train", stage=StageSpec("train"), arguments=[], env={},
+                              python=fake_stage(tmp_path, body), **kwargs)
+
+
+def start(op: LocalStageOperator) -> tuple[threading.Thread, list[BaseException]]:
+    """Run ``op`` on a thread, as a worker would; what it raises lands in the returned list."""
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            op.execute({})
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
+@pytest.mark.parametrize(("body", "outcome", "message"), [
+    ('echo "python -m embedder.train: error: --epochs must be at least 1" >&2; exit 2', AirflowFailException,
+     "rejected its input: python -m embedder.train: error: --epochs must be at least 1"),
+    ("echo boom; exit 1", AirflowException, "failed with exit code 1: boom"),
+    ("exit 0", AirflowException, "exited 0 but wrote no result"),
+])
+def test_exit_codes_become_airflow_outcomes(tmp_path, body, outcome, message):
+    with pytest.raises(outcome, match=message) as info:
+        operator(tmp_path, body).execute({})
+    assert type(info.value) is outcome
+
+
+def test_a_preempted_stage_is_rescheduled_not_retried(tmp_path):
+    before = datetime.now(UTC)
+    with pytest.raises(AirflowRescheduleException) as info:
+        operator(tmp_path, 'echo "preempted: SIGTERM at epoch 2"; exit 75', preemption_delay_s=30).execute({})
+    assert 29 <= (info.value.reschedule_date - before).total_seconds() <= 60
+
+
+def test_on_kill_sends_sigterm_first_and_a_killed_task_is_not_rescheduled(tmp_path):
+    marker = tmp_path / "got-sigterm"
+    # Saves "a checkpoint" on SIGTERM and exits 75, as the train stage does.
+    op = operator(tmp_path, f'trap "touch {marker}; exit 75" TERM; echo started; while :; do sleep 0.1; done',
+                  kill_grace_s=10)
+    thread, errors = start(op)
+    deadline = time.monotonic() + 30
+    while (op._proc is None or op._proc.poll() is not None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    started = time.monotonic()
+    op.on_kill()
+    thread.join(30)
+    assert marker.exists()  # the stage got SIGTERM and had time to act on it
+    assert time.monotonic() - started < 5  # and did not wait for the grace period to end
+    assert len(errors) == 1 and type(errors[0]) is AirflowException  # failed, not rescheduled
+    assert "exit code 75" in str(errors[0])
+
+
+def test_on_kill_escalates_to_sigkill_after_the_grace_period(tmp_path):
+    op = operator(tmp_path, 'trap "" TERM; while :; do sleep 0.1; done', kill_grace_s=1)
+    thread, errors = start(op)
+    while op._proc is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    op.on_kill()
+    thread.join(30)
+    assert op._proc.returncode == -signal.SIGKILL
+    assert "exit code -9" in str(errors[0])
+
