@@ -23,6 +23,7 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, Param, chain, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from retrain import alerts, decision, registry, rollout
 from retrain.settings import Settings
@@ -108,10 +109,19 @@ with DAG(
         print(("PROMOTED" if result["promoted"] else "NOT PROMOTED") + f" version {result['version']}: {result['reason']}")
         return result
 
-    @task(task_id="deploy", retries=0)
+    @task(task_id="deploy")
     def deploy(promotion: dict, run_id: str | None = None) -> dict:
-        """Pin serving to the champion version and wait until it serves it; roll back on failure."""
-        return rollout.roll_out_champion(settings, promotion, run_id)
+        """Pin serving to the champion version, wait until it serves it, smoke-test it; roll back on failure.
+
+        A rollback is a verdict, so it fails the task without retries. A retry after anything else
+        (a worker lost mid-wait) is safe: it makes no new revision and still knows what to restore.
+        """
+        try:
+            return rollout.roll_out_champion(settings, promotion, run_id)
+        except rollout.RolloutFailed as exc:
+            failure = AirflowFailException(str(exc))
+            failure.alerted = exc.alerted  # the rollback alert went out; the failure callback sends no second one
+            raise failure from exc
 
     promotion = promote(train.output, evaluate.output)
     chain(check_drift(), prepare, train, evaluate, promotion, deploy(promotion))

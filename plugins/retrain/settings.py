@@ -98,6 +98,7 @@ class Settings:
     serving_deployment: str = "embedder-serving"
     task_retries: int = 2
     retry_delay_s: float = 60.0
+    smoke_max_latency_s: float = 2.0
     checkpoint_every_steps: int = 500
     preemption_delay_s: float = 30.0
     pods: PodSettings = field(default_factory=PodSettings)
@@ -126,6 +127,7 @@ class Settings:
             serving_deployment=env.get("RETRAIN_SERVING_DEPLOYMENT", "embedder-serving"),
             task_retries=int(_number(env, "RETRAIN_TASK_RETRIES", 2, inclusive=True)),
             retry_delay_s=_number(env, "RETRAIN_RETRY_DELAY_S", 60.0),
+            smoke_max_latency_s=_number(env, "RETRAIN_SMOKE_MAX_LATENCY_S", 2.0),
             checkpoint_every_steps=int(_number(env, "RETRAIN_CHECKPOINT_EVERY_STEPS", 500, inclusive=True)),
             preemption_delay_s=_number(env, "RETRAIN_PREEMPTION_DELAY_S", 30.0, inclusive=True),
             pods=PodSettings.from_env(env),

@@ -69,7 +69,24 @@ def test_task_order(dag):
     for upstream, downstream in itertools.pairwise(order):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert set(dag.task_ids) == set(order)
-    assert dag.get_task("deploy").retries == 0  # a failed rollout rolls back; it is not retried blindly
+    # A retry of deploy is safe (no new revision); a rollback is a verdict and fails without retries.
+    assert dag.get_task("deploy").retries == dag.default_args["retries"]
+
+
+def test_a_rollback_fails_deploy_without_retries_and_without_a_second_alert(dag, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from retrain import rollout
+
+    def rolled_back(*args, **kwargs):
+        exc = rollout.RolloutFailed("smoke test failed. Rolled back to model version 1.")
+        exc.alerted = True
+        raise exc
+
+    monkeypatch.setattr(rollout, "roll_out_champion", rolled_back)
+    with pytest.raises(AirflowFailException, match="Rolled back to model version 1") as info:
+        dag.get_task("deploy").python_callable({"model_name": "m", "champion": "2"}, run_id="r")
+    assert info.value.alerted is True
 
 
 def test_params_build_a_typed_trigger_form(dag):

@@ -44,6 +44,7 @@ def cluster(tmp_path_factory, mlflow_server, digits_root):
         "RETRAIN_POD_STARTUP_TIMEOUT_S": "8",
     }
     emulator = KubeEmulator(home, env={**os.environ, **env}).start()
+    env["RETRAIN_SERVING_URL"] = emulator.service_url("retrain", "embedder-serving")  # the deploy task's smoke test
     emulator.gpus = 1
     emulator.add_secret("retrain", "retrain-s3", {"AWS_ACCESS_KEY_ID": "emulated", "AWS_SECRET_ACCESS_KEY": "emulated"})
     emulator.add_secret("retrain", "retrain-mlflow", {})

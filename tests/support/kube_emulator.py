@@ -23,6 +23,7 @@ requests with that status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -41,6 +42,21 @@ from aiohttp import WSMsgType, web
 
 XCOM_PATH = "/airflow/xcom"
 SIDECAR = "airflow-xcom-sidecar"
+
+
+_RESOURCE = {"namespaced": True, "verbs": ["get", "list", "watch", "create", "patch", "delete"]}
+DISCOVERY = {
+    "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
+    "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+        {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
+         "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}]},
+    "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
+        {"name": "pods", "singularName": "pod", "kind": "Pod", "shortNames": ["po"], **_RESOURCE},
+        {"name": "events", "singularName": "event", "kind": "Event", "shortNames": ["ev"], **_RESOURCE}]},
+    "/apis/apps/v1": {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "apps/v1", "resources": [
+        {"name": "deployments", "singularName": "deployment", "kind": "Deployment", "shortNames": ["deploy"],
+         **_RESOURCE}]},
+}
 
 
 def now() -> str:
@@ -127,6 +143,12 @@ class KubeEmulator:
         self.denied: list[tuple[str, str]] = []  # requests refused by the emulated RBAC
         self.pod_ready: Callable[[dict], bool] = lambda template: True
         self.revisions: dict[tuple[str, str], list[dict]] = {}  # pod templates, one per revision
+        self.serving: dict[tuple[str, str], dict] = {}  # the pod template whose pods answer the Service
+        # What the serving pods of a template answer on /embed: {"dim": int, "status": int, "delay_s": float}.
+        self.service_behaviour: Callable[[dict], dict] = lambda template: {}
+        self._changed: asyncio.Condition | None = None
+        self.operator_port = 0
+        self._stopping = False
         self.controller_delay = 0.3  # seconds between the fake Deployment controller's steps
         self.containers: dict[tuple[str, str], Container] = {}
         self._faults: list[int] = []
@@ -150,11 +172,13 @@ class KubeEmulator:
         return self
 
     def stop(self) -> None:
+        self._stopping = True
         if self._loop and self._runner:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
             self._loop.call_soon_threadsafe(self._loop.stop)
 
     async def _serve(self) -> None:
+        self._changed = asyncio.Condition()
         app = web.Application(middlewares=[self._middleware])
         app.router.add_get("/version", lambda r: web.json_response({"major": "1", "minor": "37", "gitVersion": "v1.37.0"}))
         base = "/api/v1/namespaces/{ns}"
@@ -171,17 +195,30 @@ class KubeEmulator:
         app.router.add_get(apps, self.list_deployments)
         app.router.add_get(apps + "/{name}", self.get_deployment)
         app.router.add_patch(apps + "/{name}", self.patch_deployment)
+        for path, doc in DISCOVERY.items():
+            app.router.add_get(path, lambda r, doc=doc: web.json_response(doc))
+        svc = "/_service/{ns}/{name}"
+        app.router.add_get(svc + "/readyz", self.service_readyz)
+        app.router.add_get(svc + "/metadata", self.service_metadata)
+        app.router.add_post(svc + "/embed", self.service_embed)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}"
+        # A second port for people: kubectl run by an operator, who may watch; its calls are not the worker's.
+        operator = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await operator.start()
+        self.operator_port = operator._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
-    def kubeconfig(self, path: Path, namespace: str = "retrain") -> Path:
+    def kubeconfig(self, path: Path, namespace: str = "retrain", user: str = "airflow-worker") -> Path:
+        """A kubeconfig for ``user``: ``airflow-worker`` (the project's Role: no watch, every call
+        recorded) or ``operator`` (a person running kubectl: may watch, calls not recorded)."""
+        server = self.url if user == "airflow-worker" else f"http://127.0.0.1:{self.operator_port}"
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "emulator", "cluster": {"server": server}}],
             "users": [{"name": "emulator", "user": {}}],
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
                                                           "namespace": namespace}}],
@@ -206,6 +243,7 @@ class KubeEmulator:
                                 "readyReplicas": replicas, "availableReplicas": replicas, "conditions": [
                                     self._condition("Progressing", "True", "NewReplicaSetAvailable")]}
         self.objects[("deployments", meta["namespace"], meta["name"])] = self._bump(deployment)
+        self.serving[(meta["namespace"], meta["name"])] = copy.deepcopy(deployment["spec"]["template"])
         self.pod_ready = ready or (lambda template: True)
         self.revisions[(meta["namespace"], meta["name"])] = [copy.deepcopy(deployment["spec"]["template"])]
 
@@ -244,6 +282,10 @@ class KubeEmulator:
     # ---- HTTP plumbing ---------------------------------------------------------------------------
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
+        if request.path.startswith("/_service/"):  # traffic to a Service, not an API call
+            return await handler(request)
+        if request.transport and request.transport.get_extra_info("sockname")[1] == self.operator_port:
+            return await handler(request)  # kubectl as an operator: not the worker's Role
         verb, resource = self._rbac(request)
         if verb == "watch":  # the project's Role grants no watch: answer as an API server enforcing it would
             self.denied.append((verb, resource))
@@ -283,7 +325,17 @@ class KubeEmulator:
     def _bump(self, obj: dict) -> dict:
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._notify)
         return obj
+
+    def _notify(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        if self._changed is not None:
+            asyncio.get_running_loop().create_task(notify())
 
     # ---- pods ------------------------------------------------------------------------------------
     async def list_pods(self, request: web.Request) -> web.Response:
@@ -353,12 +405,81 @@ class KubeEmulator:
         return {"type": kind, "status": status, "reason": reason, "message": message,
                 "lastUpdateTime": now(), "lastTransitionTime": now()}
 
-    async def list_deployments(self, request: web.Request) -> web.Response:
+    async def list_deployments(self, request: web.Request) -> web.StreamResponse:
         ns = request.match_info["ns"]
+        if request.query.get("watch") in ("true", "1"):
+            return await self._watch_deployments(request, ns)
         items = [o for (r, n, _), o in self.objects.items() if r == "deployments" and n == ns
                  and field_matches(o, request.query.get("fieldSelector"))]
         return web.json_response({"kind": "DeploymentList", "apiVersion": "apps/v1",
                                   "metadata": {"resourceVersion": str(self._rv)}, "items": items})
+
+    async def _watch_deployments(self, request: web.Request, ns: str) -> web.StreamResponse:
+        """A watch stream (one JSON event per line), as kubectl's ``rollout status`` consumes it."""
+        try:
+            return await self._stream_deployments(request, ns)
+        except ConnectionResetError:  # the watcher went away (kubectl exits as soon as it has its answer)
+            return web.Response()
+
+    async def _stream_deployments(self, request: web.Request, ns: str) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        selector = request.query.get("fieldSelector")
+        sent = int(request.query.get("resourceVersion") or 0)
+        if request.query.get("sendInitialEvents") == "true":  # a streaming list: ADDED for each, then a bookmark
+            for (r, n, _), obj in list(self.objects.items()):
+                if r == "deployments" and n == ns and field_matches(obj, selector):
+                    await resp.write(json.dumps({"type": "ADDED", "object": obj}).encode() + b"\n")
+            sent = self._rv
+            await resp.write(json.dumps({"type": "BOOKMARK", "object": {
+                "kind": "Deployment", "apiVersion": "apps/v1", "metadata": {
+                    "resourceVersion": str(sent), "annotations": {"k8s.io/initial-events-end": "true"}}}}).encode() + b"\n")
+        deadline = asyncio.get_running_loop().time() + float(request.query.get("timeoutSeconds") or 300)
+        while asyncio.get_running_loop().time() < deadline and not self._stopping:
+            if request.transport is None or request.transport.is_closing():
+                break  # the watcher went away
+            for (r, n, _), obj in list(self.objects.items()):
+                rv = int(obj["metadata"]["resourceVersion"])
+                if r == "deployments" and n == ns and rv > sent and field_matches(obj, selector):
+                    await resp.write(json.dumps({"type": "MODIFIED", "object": obj}).encode() + b"\n")
+            sent = self._rv
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=0.5)
+        return resp
+
+    # ---- the serving Service: what the Deployment's ready pods answer -----------------------------
+    def service_url(self, namespace: str, name: str) -> str:
+        return f"{self.url}/_service/{namespace}/{name}"
+
+    def _served(self, request: web.Request) -> tuple[dict, dict]:
+        key = (request.match_info["ns"], request.match_info["name"])
+        template = self.serving[key]
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
+        return template, env
+
+    async def service_readyz(self, request: web.Request) -> web.Response:
+        obj = self.objects[("deployments", request.match_info["ns"], request.match_info["name"])]
+        if not obj["status"].get("availableReplicas"):
+            return web.json_response({"status": "not ready"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def service_metadata(self, request: web.Request) -> web.Response:
+        _, env = self._served(request)
+        return web.json_response({"model_name": env.get("MODEL_NAME"), "model_version": env.get("MODEL_VERSION"),
+                                  "ready": True})
+
+    async def service_embed(self, request: web.Request) -> web.Response:
+        template, env = self._served(request)
+        await request.read()
+        behaviour = {"dim": 2048, "status": 200, "delay_s": 0.0, **self.service_behaviour(template)}
+        await asyncio.sleep(behaviour["delay_s"])
+        if behaviour["status"] != 200:
+            return web.json_response({"detail": "emulated failure"}, status=behaviour["status"])
+        dim = behaviour["dim"]
+        return web.json_response({"model_name": env.get("MODEL_NAME"), "model_version": env.get("MODEL_VERSION"),
+                                  "dim": dim, "embedding": [dim ** -0.5] * dim})
 
     async def get_deployment(self, request: web.Request) -> web.Response:
         obj = self.objects.get(("deployments", request.match_info["ns"], request.match_info["name"]))
@@ -419,6 +540,7 @@ class KubeEmulator:
             self._bump(obj)
         st.update(replicas=want, readyReplicas=want, availableReplicas=want, unavailableReplicas=0)
         st["conditions"] = [self._condition("Progressing", "True", "NewReplicaSetAvailable")]
+        self.serving[(ns, name)] = copy.deepcopy(obj["spec"]["template"])
         self._bump(obj)
 
     # ---- logs ------------------------------------------------------------------------------------
