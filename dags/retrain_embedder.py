@@ -1,9 +1,10 @@
 """
 ### Retrain the image embedder
 
-Nightly at 02:00 UTC, or from the **Trigger** form: decide whether to retrain, snapshot the data,
-train a ResNet embedder, evaluate it **and the current champion on the same snapshot**, register
-it, promote it only if it is better, and roll serving forward to the champion version.
+Nightly at 02:00 UTC, when `monitor_drift` confirms drift, or from the **Trigger** form: decide
+whether to retrain, snapshot the data, train a ResNet embedder, evaluate it **and the current
+champion on the same snapshot**, register it, promote it only if it is better, and roll serving
+forward to the champion version.
 
 | task | what it does |
 |---|---|
@@ -19,13 +20,15 @@ Stages run as `python -m embedder.<stage>`, locally or in pods (`RETRAIN_RUNNER`
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import DAG, CronTriggerTimetable, Param, chain, get_current_context, task
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, chain, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from retrain import alerts, decision, registry, rollout
+from retrain.assets import drift_asset
 from retrain.settings import Settings
 from retrain.stages import stage_operator
 
@@ -35,7 +38,9 @@ with DAG(
     dag_id="retrain_embedder",
     description="Nightly retraining of the image embedder, with champion/challenger promotion and rollout",
     doc_md=__doc__,
-    schedule=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
+    # Nightly, or as soon as monitor_drift confirms drift.
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
+                                 assets=[drift_asset(settings)]),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -65,6 +70,17 @@ with DAG(
         "pretrained_weights": Param("", type="string", title="Pretrained weights",
                                     description="Optional torchvision state dict to start from (file:// or s3://). "
                                                 "Empty: train from scratch."),
+        "drift_alpha": Param(settings.drift.alpha, type="number", exclusiveMinimum=0, maximum=1,
+                             title="Drift p-value threshold",
+                             description="A monitoring window drifts when its permutation p-value is below this."),
+        "drift_windows": Param(settings.drift.windows, type="integer", minimum=1, maximum=100,
+                               title="Drift windows (K)",
+                               description="Drift is confirmed after this many consecutive drifted windows."),
+        "drift_cooldown_h": Param(settings.drift.cooldown_h, type="number", minimum=0, title="Drift cooldown (hours)",
+                                  description="No drift-triggered retrain this soon after the last training."),
+        "max_champion_age_days": Param(settings.drift.max_age_days, type="number", exclusiveMinimum=0,
+                                       title="Maximum champion age (days)",
+                                       description="Retrain when the champion is older than this, drift or not."),
         "min_improvement": Param(0.0, type="number", minimum=0, maximum=1, title="Minimum improvement",
                                  description="Recall@1 gain over the champion (same data) required to promote."),
     },
@@ -73,7 +89,10 @@ with DAG(
     @task.short_circuit(task_id="check_drift")
     def check_drift(params: dict | None = None) -> bool:
         """Decide from the registry and MLflow metrics whether this run trains; say why when it does not."""
-        result = decision.check(settings.model_name, bool(params["force_retrain"]))
+        cfg = dataclasses.replace(settings.drift, alpha=float(params["drift_alpha"]),
+                                  windows=int(params["drift_windows"]), cooldown_h=float(params["drift_cooldown_h"]),
+                                  max_age_days=float(params["max_champion_age_days"]))
+        result = decision.check(settings, bool(params["force_retrain"]), cfg=cfg)
         ctx = get_current_context()
         ctx["ti"].xcom_push(key="decision", value={"retrain": result.retrain, "reason": result.reason})
         print(f"retrain={result.retrain}: {result.reason}")

@@ -401,10 +401,17 @@ def serving_at(client: MlflowClient, settings: Settings, when_ms: int) -> dict[s
 
 
 def _embedding_dim(client: MlflowClient, name: str, version: str) -> int | None:
-    try:
-        from mlflow.models import get_model_info
+    """The embedding width recorded in the model version's MLmodel metadata, read through ``client``'s server."""
+    import tempfile
 
-        return int(get_model_info(f"models:/{name}/{version}").metadata["embedding_dim"])
+    import yaml
+    from mlflow.artifacts import download_artifacts
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlmodel-") as tmp:
+            path = download_artifacts(artifact_uri=f"models:/{name}/{version}/MLmodel", dst_path=tmp,
+                                      tracking_uri=client.tracking_uri, registry_uri=client._registry_uri)
+            return int(yaml.safe_load(Path(path).read_text())["metadata"]["embedding_dim"])
     except Exception as exc:  # the smoke test then checks the norm and latency only
         log.warning("could not read the embedding dimension of %s version %s (%s)", name, version, exc)
         return None

@@ -81,6 +81,35 @@ class PodSettings:
 
 
 @dataclass(frozen=True)
+class DriftSettings:
+    """The drift monitor and the retrain decision (see README, Drift)."""
+
+    sample_uri: str = ""  # where serving writes sampled embeddings (the serving process's --sample-uri)
+    window_s: float = 3600.0  # sample window; the serving process's --window-seconds must match
+    alpha: float = 0.01  # a window drifts when its permutation p-value is below this (strict)
+    min_samples: int = 50  # fewer production embeddings in a window: insufficient, not drift
+    permutations: int = 500
+    windows: int = 3  # K: drift confirmed after this many consecutive drifted windows
+    cooldown_h: float = 24.0  # no drift-triggered retrain within this long after the last training
+    max_age_days: float = 30.0  # retrain when the champion is older than this
+    alert_cooldown_h: float = 6.0  # a drift alert repeats for an unchanged state only after this long
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], home: Path) -> DriftSettings:
+        return cls(
+            sample_uri=env.get("RETRAIN_SAMPLE_URI", (home / "samples").as_uri()),
+            window_s=_number(env, "RETRAIN_DRIFT_WINDOW_S", 3600.0),
+            alpha=_number(env, "RETRAIN_DRIFT_ALPHA", 0.01),
+            min_samples=int(_number(env, "RETRAIN_DRIFT_MIN_SAMPLES", 50, minimum=2, inclusive=True)),
+            permutations=int(_number(env, "RETRAIN_DRIFT_PERMUTATIONS", 500, minimum=19, inclusive=True)),
+            windows=int(_number(env, "RETRAIN_DRIFT_WINDOWS", 3, minimum=1, inclusive=True)),
+            cooldown_h=_number(env, "RETRAIN_DRIFT_COOLDOWN_H", 24.0, inclusive=True),
+            max_age_days=_number(env, "RETRAIN_MAX_CHAMPION_AGE_DAYS", 30.0),
+            alert_cooldown_h=_number(env, "RETRAIN_DRIFT_ALERT_COOLDOWN_H", 6.0, inclusive=True),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     runner: str
     home: Path
@@ -101,6 +130,7 @@ class Settings:
     smoke_max_latency_s: float = 2.0
     checkpoint_every_steps: int = 500
     preemption_delay_s: float = 30.0
+    drift: DriftSettings = field(default_factory=lambda: DriftSettings())
     pods: PodSettings = field(default_factory=PodSettings)
 
     @classmethod
@@ -130,6 +160,7 @@ class Settings:
             smoke_max_latency_s=_number(env, "RETRAIN_SMOKE_MAX_LATENCY_S", 2.0),
             checkpoint_every_steps=int(_number(env, "RETRAIN_CHECKPOINT_EVERY_STEPS", 500, inclusive=True)),
             preemption_delay_s=_number(env, "RETRAIN_PREEMPTION_DELAY_S", 30.0, inclusive=True),
+            drift=DriftSettings.from_env(env, home),
             pods=PodSettings.from_env(env),
         )
 

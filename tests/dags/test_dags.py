@@ -56,7 +56,9 @@ def test_schedule_is_nightly_at_two_utc_one_run_at_a_time(dag):
     from airflow.timetables.base import TimeRestriction
     from airflow.timetables.trigger import CronTriggerTimetable
 
-    timetable = CronTriggerTimetable(dag.timetable.expression, timezone=dag.timetable.timezone)
+    cron = dag.timetable.timetable  # AssetOrTimeSchedule: the cron part (the drift Asset is the other)
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["image-embedder_drift_confirmed"]
+    timetable = CronTriggerTimetable(cron.expression, timezone=cron.timezone)
     restriction = TimeRestriction(earliest=pendulum.datetime(2026, 3, 29, 12, tz="UTC"), latest=None, catchup=True)
     first = timetable.next_dagrun_info(last_automated_data_interval=None, restriction=restriction)
     second = timetable.next_dagrun_info(last_automated_data_interval=first.data_interval, restriction=restriction)

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from retrain import decision, registry
+from retrain import registry
 
 
 class _Constant(mlflow.pyfunc.PythonModel):
@@ -93,28 +93,3 @@ def test_champion_moved_since_evaluation_is_refused(mlflow_sqlite):
     with pytest.raises(RuntimeError, match="evaluated against None; another run moved it"):
         registry.promote("m", second, evaluation(second, 0.9, None), 0.0)
     assert len(MlflowClient().search_model_versions("name = 'm'")) == 1
-
-
-@pytest.mark.parametrize("force,champion,retrain,reason", [
-    (False, None, True, "no champion"),
-    (True, "3", True, "force_retrain"),
-    (False, "3", False, "champion version 3 is serving and no drift signal"),
-])
-def test_retrain_decision(force, champion, retrain, reason):
-    result = decision.decide(force, champion, drift_confirmed=None)
-    assert result.retrain is retrain and reason in result.reason
-
-
-def test_check_reads_the_champion_from_the_registry(mlflow_sqlite):
-    assert decision.check("m", force=False).retrain is True
-    train = logged_model()
-    registry.promote("m", train, evaluation(train, 0.8, None), 0.0)
-    result = decision.check("m", force=False)
-    assert (result.retrain, result.champion_version) == (False, "1")
-
-
-def test_unreachable_mlflow_fails_the_decision_instead_of_training(monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    with pytest.raises(Exception, match="127.0.0.1:9"):
-        decision.check("m", force=False, client=MlflowClient("http://127.0.0.1:9"))

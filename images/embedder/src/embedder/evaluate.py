@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -35,6 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", required=True, help="registered model whose @champion is compared")
     parser.add_argument("--experiment", required=True, help="MLflow experiment name")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--reference-size", type=int, default=500,
+                        help="test-split embeddings stored with the model as the drift monitor's reference")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: the CPU budget)")
     return contract.add_common_arguments(parser)
 
@@ -71,7 +76,9 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: tuple[int, .
     return {k: hits[k] / queries if queries else float("nan") for k in ks}, queries
 
 
-def score(loaded: model.LoadedModel, manifest: data.Manifest, batch_size: int) -> Scores:
+def score(loaded: model.LoadedModel, manifest: data.Manifest, batch_size: int,
+          keep: list[torch.Tensor] | None = None) -> Scores:
+    """The retrieval and accuracy scores of ``loaded`` on the test split; its embeddings go into ``keep``."""
     classes = manifest.classes
     dataset = data.ManifestDataset(manifest, "test", {c: i for i, c in enumerate(classes)},
                                    images.eval_transform(loaded.image_size))
@@ -80,11 +87,30 @@ def score(loaded: model.LoadedModel, manifest: data.Manifest, batch_size: int) -
         embeddings.append(loaded.embed(batch))
         labels.append(target)
     emb, lab = torch.cat(embeddings), torch.cat(labels)
+    if keep is not None:
+        keep.append(emb)
     recalls, queries = recall_at_k(emb, lab)
     # The model's own class order, mapped onto the manifest's; unknown classes are never predicted right.
     to_manifest = torch.tensor([classes.index(c) if c in classes else -2 for c in loaded.classes])
     predicted = to_manifest[loaded.logits(emb).argmax(1)]
     return Scores(recalls[1], recalls[5], (predicted == lab).float().mean().item(), queries)
+
+
+def log_reference(client: MlflowClient, run_id: str, embeddings: torch.Tensor, size: int, seed: int = 0) -> str:
+    """Store a sample of the model's embeddings of held-out data with its run: the drift monitor's reference.
+
+    Saved as ``drift/reference.npy`` (float32, one row per image) on the training run, so every
+    registered model version carries the reference its production traffic is compared with.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(embeddings), generator=generator)[:size].sort().values
+    sample = embeddings[idx].numpy().astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
+        path = Path(tmp) / "reference.npy"
+        np.save(path, sample)
+        client.log_artifact(run_id, str(path), "drift")
+    log.info("drift reference: %d embeddings of the test split logged to run %s", len(sample), run_id)
+    return f"runs:/{run_id}/drift/reference.npy"
 
 
 def champion_version(client: MlflowClient, model_name: str):
@@ -104,7 +130,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     dataset = tracking.dataset_input(args.manifest_uri, version)
     client = MlflowClient()
 
-    challenger = score(model.load(args.challenger_uri), manifest, args.batch_size)
+    kept: list[torch.Tensor] = []
+    challenger = score(model.load(args.challenger_uri), manifest, args.batch_size, keep=kept)
+    log_reference(client, args.challenger_run_id, kept[0], args.reference_size)
     log.info("challenger %s on dataset %s: %s", args.challenger_uri, version, challenger)
     result: dict[str, Any] = {
         "dataset_version": version,

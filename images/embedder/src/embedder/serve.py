@@ -8,14 +8,24 @@ On Kubernetes the record is replaced by the ``MODEL_NAME``/``MODEL_VERSION`` env
 variables of the pod template, and the process loads that version once at start.
 
 Routes: ``POST /embed`` (image upload), ``GET /healthz``, ``GET /readyz``, ``GET /metadata``.
+
+With ``--sample-uri`` the server keeps a random share (``--sample-rate``) of the embeddings it
+serves and writes them per time window (``--window-seconds``) to storage, at most
+``--max-per-window`` per window and process, for the drift monitor. Requests only append to a
+bounded in-memory buffer; a background thread writes closed windows, so sampling never waits on
+storage. Files are ``<sample uri>/<model>/v<version>/window=<start epoch s>/<host>-<pid>.npy``:
+every replica writes its own, and the monitor reads them all.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
+import random
+import socket
 import sys
 import threading
 import time
@@ -23,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
@@ -56,6 +67,63 @@ def read_desired(state_uri: str) -> Desired | None:
     except storage.StorageError:
         return None
     return Desired(doc["model_name"], str(doc["model_version"]), int(doc.get("revision", 0)))
+
+
+class EmbeddingSampler:
+    """A bounded random sample of served embeddings, written to storage per closed time window."""
+
+    def __init__(self, uri: str, rate: float, window_s: float, max_per_window: int, seed: int | None = None):
+        if not 0 <= rate <= 1:
+            raise ValueError(f"--sample-rate must be between 0 and 1, got {rate}")
+        if window_s <= 0 or max_per_window < 1:
+            raise ValueError("--window-seconds must be positive and --max-per-window at least 1")
+        self.uri, self.rate, self.window_s, self.max_per_window = uri.rstrip("/"), rate, window_s, max_per_window
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._buffers: dict[tuple[str, str, int], list[np.ndarray]] = {}
+        self.dropped = 0  # sampled but over the per-window bound
+        self.written: list[str] = []
+        self._me = f"{socket.gethostname()}-{os.getpid()}"
+
+    def window_of(self, t: float) -> int:
+        return int(t // self.window_s * self.window_s)
+
+    def offer(self, model_name: str, version: str, vector: torch.Tensor, now: float | None = None) -> None:
+        if self.rate <= 0 or self._rng.random() >= self.rate:
+            return
+        key = (model_name, str(version), self.window_of(time.time() if now is None else now))
+        row = vector.detach().cpu().numpy().astype(np.float32, copy=True)
+        with self._lock:
+            buffer = self._buffers.setdefault(key, [])
+            if len(buffer) < self.max_per_window:
+                buffer.append(row)
+            else:
+                self.dropped += 1
+
+    def flush(self, now: float | None = None, everything: bool = False) -> list[str]:
+        """Write the windows that have closed (all of them with ``everything``, at shutdown)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            due = [k for k in self._buffers if everything or k[2] + self.window_s <= now]
+            batches = {k: self._buffers.pop(k) for k in due}
+        written = []
+        for (name, version, start), rows in batches.items():
+            buffer = io.BytesIO()
+            np.save(buffer, np.stack(rows))
+            uri = storage.join(self.uri, name, f"v{version}", f"window={start}", f"{self._me}.npy")
+            try:
+                storage.write_bytes(uri, buffer.getvalue())
+                written.append(uri)
+            except Exception:  # a storage outage loses this window's sample, never a request
+                log.exception("could not write the embedding sample %s", uri)
+        self.written.extend(written)
+        return written
+
+    def run_forever(self, stop: threading.Event) -> None:
+        interval = min(5.0, self.window_s / 4)
+        while not stop.wait(interval):
+            self.flush()
+        self.flush(everything=True)
 
 
 class ModelHolder:
@@ -116,14 +184,20 @@ class ModelHolder:
             stop.wait(interval)
 
 
-def create_app(holder: ModelHolder, poll_interval: float = 1.0) -> FastAPI:
+def create_app(holder: ModelHolder, poll_interval: float = 1.0, sampler: EmbeddingSampler | None = None) -> FastAPI:
     stop = threading.Event()
 
     async def lifespan(app: FastAPI):
         thread = threading.Thread(target=holder.run_forever, args=(poll_interval, stop), daemon=True, name="reconcile")
         thread.start()
+        writer = None
+        if sampler:
+            writer = threading.Thread(target=sampler.run_forever, args=(stop,), daemon=True, name="sample-writer")
+            writer.start()
         yield
         stop.set()
+        if writer:
+            writer.join(30)
 
     app = FastAPI(title="embedder", summary="Image embeddings for similarity search", lifespan=lifespan)
 
@@ -172,6 +246,8 @@ def create_app(holder: ModelHolder, poll_interval: float = 1.0) -> FastAPI:
             raise HTTPException(400, f"{file.filename or 'upload'} is not a decodable image: {exc}") from None
         batch = images.eval_transform(cur.loaded.image_size)(image).unsqueeze(0)
         vector = cur.loaded.embed(batch)[0]
+        if sampler:
+            sampler.offer(cur.desired.model_name, cur.desired.model_version, vector)
         return {"model_name": cur.desired.model_name, "model_version": cur.desired.model_version,
                 "dim": int(vector.shape[0]), "embedding": vector.tolist()}
 
@@ -188,6 +264,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between reads of the record")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: the CPU budget)")
+    group = parser.add_argument_group("embedding sample for the drift monitor")
+    group.add_argument("--sample-uri", default=os.environ.get("SAMPLE_URI", ""),
+                       help="storage prefix for sampled embeddings (file:// or s3://); empty: no sampling")
+    group.add_argument("--sample-rate", type=float, default=float(os.environ.get("SAMPLE_RATE", "0.1")),
+                       help="share of served embeddings kept")
+    group.add_argument("--window-seconds", type=float, default=float(os.environ.get("SAMPLE_WINDOW_S", "3600")),
+                       help="length of a sample window")
+    group.add_argument("--max-per-window", type=int, default=int(os.environ.get("SAMPLE_MAX_PER_WINDOW", "2000")),
+                       help="embeddings kept per window and process (bounds memory)")
     return parser
 
 
@@ -202,7 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads or model.cpu_budget())
     fixed = Desired(args.model_name, args.model_version) if args.model_name else None
     holder = ModelHolder(state_uri=args.state_uri or None, fixed=fixed)
-    uvicorn.run(create_app(holder, args.poll_interval), host=args.host, port=args.port, log_level="info")
+    try:
+        sampler = EmbeddingSampler(args.sample_uri, args.sample_rate, args.window_seconds, args.max_per_window) \
+            if args.sample_uri else None
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(holder, args.poll_interval, sampler), host=args.host, port=args.port, log_level="info")
     return 0
 
 

@@ -1,0 +1,66 @@
+"""
+### Monitor the serving embeddings for drift
+
+Hourly: compare each closed window of the serving API's sampled embeddings with the champion's
+reference embeddings (MMD² with an RBF kernel, permutation p-value, mean shift), log the scores to
+the `<experiment>-monitoring` MLflow experiment, alert when the drift state changes, and, when
+drift is confirmed (K consecutive drifted windows), update the drift Asset so `retrain_embedder`
+runs.
+
+| task | what it does |
+|---|---|
+| `score_windows` | scores the unscored closed windows of the champion, logs them, alerts on a state change |
+| `drift_confirmed` | lets the run go on only when drift is confirmed |
+| `emit_drift_event` | updates the drift Asset (its event triggers `retrain_embedder`) |
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, CronTriggerTimetable, chain, task
+
+from retrain import alerts, monitor
+from retrain.assets import drift_asset
+from retrain.settings import Settings
+
+settings = Settings.from_env()
+
+with DAG(
+    dag_id="monitor_drift",
+    description="Hourly drift check of the serving embeddings against the champion's reference",
+    doc_md=__doc__,
+    schedule=CronTriggerTimetable("5 * * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    dagrun_timeout=timedelta(minutes=50),
+    tags=["ml", "monitoring", "embedder"],
+    default_args={
+        "owner": "ml-platform",
+        "retries": settings.task_retries,
+        "retry_delay": timedelta(seconds=settings.retry_delay_s),
+        "retry_exponential_backoff": True,
+        "on_failure_callback": alerts.FailureNotifier(),
+    },
+) as dag:
+
+    @task(task_id="score_windows")
+    def score_windows() -> dict:
+        """Score the closed windows; raises (and so retries, then alerts) when MLflow or storage fails."""
+        report = monitor.monitor_once(settings)
+        print(f"drift state {report['state']}: {report['reason']}; windows scored now: {len(report['scored'])}")
+        return report
+
+    @task.short_circuit(task_id="drift_confirmed")
+    def drift_confirmed(report: dict) -> bool:
+        return bool(report["confirmed"])
+
+    @task(task_id="emit_drift_event", outlets=[drift_asset(settings)])
+    def emit_drift_event(report: dict) -> dict:
+        """Its success updates the drift Asset, which triggers retrain_embedder."""
+        return {"champion": report["champion"], "reason": report["reason"]}
+
+    report = score_windows()
+    chain(report, drift_confirmed(report), emit_drift_event(report))
