@@ -100,7 +100,7 @@ def test_plain_run_with_a_champion_and_no_drift_skips_and_says_why(stack):
     settings, airflow_env = stack
     state, out = dag_test(airflow_env, CONF)
     assert state == "success"
-    assert "retrain=False: champion version 1 is serving and no drift signal" in out
+    assert "retrain=False: champion version 1 is serving and no drift window scored yet" in out
     assert len(MlflowClient(settings.tracking_uri).search_model_versions(f"name = '{MODEL}'")) == 2
 
 

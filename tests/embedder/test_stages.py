@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -88,3 +90,7 @@ def test_tiny_training_run_logs_metrics_tags_and_a_head_less_embedder(prepared, 
     assert scores["num_queries"] == prepared["counts"]["test"]
     assert 0.1 < scores["recall_at_1"] <= scores["recall_at_5"] <= 1.0
     assert client.get_run(train["mlflow_run_id"]).data.metrics["test_recall_at_1"] == pytest.approx(scores["recall_at_1"])
+    # The drift monitor's reference: the challenger's embeddings of the test split, stored with its run.
+    reference = np.load(mlflow.artifacts.download_artifacts(f"runs:/{train['mlflow_run_id']}/drift/reference.npy"))
+    assert reference.shape == (prepared["counts"]["test"], 512) and reference.dtype == np.float32
+    assert np.allclose(np.linalg.norm(reference, axis=1), 1, atol=1e-4)

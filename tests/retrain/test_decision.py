@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -16,34 +14,10 @@ from mlflow.entities import Metric
 
 from retrain import decision, drift, monitor
 from retrain.settings import DriftSettings, Settings
+from tests.support.samples import unit, write_window
 
 MODEL = "image-embedder"
 HOUR = 3600.0
-
-
-@pytest.fixture
-def world(mlflow_sqlite, tmp_path):
-    """A champion (version 1) whose training run holds a reference sample, and settings pointing at tmp."""
-    settings = Settings.from_env({"RETRAIN_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": mlflow_sqlite,
-                                  "RETRAIN_DRIFT_WINDOW_S": "60", "RETRAIN_DRIFT_PERMUTATIONS": "199",
-                                  "RETRAIN_DRIFT_MIN_SAMPLES": "30"})
-    client = MlflowClient()
-    mlflow.set_experiment(settings.experiment)
-    rng = np.random.default_rng(0)
-    reference = unit(rng.standard_normal((200, 16)) + 2.0)
-    with mlflow.start_run(tags={"stage": "train"}) as run:
-        path = tmp_path / "reference.npy"
-        np.save(path, reference)
-        mlflow.log_artifact(str(path), "drift")
-    client.create_registered_model(MODEL)
-    client.create_model_version(MODEL, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
-    client.set_registered_model_alias(MODEL, "champion", "1")
-    created = client.get_model_version(MODEL, "1").creation_timestamp / 1000
-    return settings, client, rng, created
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def log_windows(client: MlflowClient, settings: Settings, p_values: list[float | None], start: int = 0) -> None:
@@ -130,15 +104,6 @@ def test_an_unreachable_mlflow_never_retrains(world, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with pytest.raises(Exception, match="127.0.0.1:9"):
         decision.check(settings, False, MlflowClient("http://127.0.0.1:9"))
-
-
-def write_window(settings: Settings, start: int, rows: np.ndarray, replica: str = "a") -> None:
-    from embedder import storage
-
-    buffer = io.BytesIO()
-    np.save(buffer, rows.astype(np.float32))
-    storage.write_bytes(storage.join(settings.drift.sample_uri, MODEL, "v1", f"window={start}", f"{replica}.npy"),
-                        buffer.getvalue())
 
 
 def test_monitor_scores_closed_windows_once_and_alerts_on_state_changes(world):

@@ -1,0 +1,22 @@
+"""Embedding samples for the drift tests: unit vectors and sample windows written as the serving API writes them."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+MODEL = "image-embedder"
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_window(settings, start: int, rows: np.ndarray, replica: str = "a") -> None:
+    from embedder import storage
+
+    buffer = io.BytesIO()
+    np.save(buffer, rows.astype(np.float32))
+    storage.write_bytes(storage.join(settings.drift.sample_uri, MODEL, "v1", f"window={start}", f"{replica}.npy"),
+                        buffer.getvalue())
