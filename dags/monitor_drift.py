@@ -60,6 +60,8 @@ with DAG(
     @task(task_id="emit_drift_event", outlets=[drift_asset(settings)])
     def emit_drift_event(report: dict) -> dict:
         """Its success updates the drift Asset, which triggers retrain_embedder."""
+        print(f"drift Asset {drift_asset(settings).name} updated: champion version {report['champion']}, "
+              f"{report['reason']}")
         return {"champion": report["champion"], "reason": report["reason"]}
 
     report = score_windows()

@@ -105,7 +105,8 @@ def serving_service(settings: Settings) -> Service:
     host, port = _host_port(settings.serving_url)
     return Service("serving", [
         settings.local_python, "-m", "embedder.serve", "--state-uri", settings.serving_state_uri,
-        "--host", host, "--port", port,
+        "--host", host, "--port", port, "--sample-uri", settings.drift.sample_uri,
+        "--sample-rate", str(settings.drift.sample_rate), "--window-seconds", str(settings.drift.window_s),
     ], f"{settings.serving_url}/healthz", settings.home)
 
 

@@ -32,7 +32,7 @@ from retrain.registry import CHAMPION, alias_version
 from retrain.settings import Settings
 
 log = logging.getLogger(__name__)
-GRACE_S = 10.0  # a window is read this long after it closes, so every replica has written it
+GRACE_S = 10.0  # a window is read this long after it closes (at most a quarter window), so every replica wrote it
 
 
 class DriftSignalError(RuntimeError):
@@ -148,7 +148,8 @@ def monitor_once(settings: Settings, client: MlflowClient | None = None, now: fl
     run_id = run.info.run_id
     done = {start for start, _ in history(client, run_id)}
     windows = sample_windows(settings, name, version)
-    due = sorted(s for s in windows if s + cfg.window_s + GRACE_S <= now and s not in done)
+    grace = min(GRACE_S, cfg.window_s / 4)
+    due = sorted(s for s in windows if s + cfg.window_s + grace <= now and s not in done)
     scored = []
     reference = load_reference(client, name, version) if due else None
     for start in due:

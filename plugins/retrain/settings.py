@@ -85,6 +85,7 @@ class DriftSettings:
     """The drift monitor and the retrain decision (see README, Drift)."""
 
     sample_uri: str = ""  # where serving writes sampled embeddings (the serving process's --sample-uri)
+    sample_rate: float = 0.1  # share of served embeddings sampled (local mode's serving process)
     window_s: float = 3600.0  # sample window; the serving process's --window-seconds must match
     alpha: float = 0.01  # a window drifts when its permutation p-value is below this (strict)
     min_samples: int = 50  # fewer production embeddings in a window: insufficient, not drift
@@ -98,6 +99,7 @@ class DriftSettings:
     def from_env(cls, env: Mapping[str, str], home: Path) -> DriftSettings:
         return cls(
             sample_uri=env.get("RETRAIN_SAMPLE_URI", (home / "samples").as_uri()),
+            sample_rate=_number(env, "RETRAIN_SAMPLE_RATE", 0.1, inclusive=True),
             window_s=_number(env, "RETRAIN_DRIFT_WINDOW_S", 3600.0),
             alpha=_number(env, "RETRAIN_DRIFT_ALPHA", 0.01),
             min_samples=int(_number(env, "RETRAIN_DRIFT_MIN_SAMPLES", 50, minimum=2, inclusive=True)),

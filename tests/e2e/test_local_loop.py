@@ -4,14 +4,17 @@ real training, the real serving process. Tests run in order and share one stack 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from mlflow import MlflowClient
@@ -23,6 +26,7 @@ from tests.helpers import free_port, wait_http
 
 pytestmark = pytest.mark.e2e
 MODEL = "image-embedder"
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +135,67 @@ def test_rollout_that_never_becomes_ready_rolls_back_and_alerts_once(stack):
     assert [json.loads(a)["kind"] for a in new_alerts] == ["rollback"]
     meta = requests.get(f"{settings.serving_url}/metadata", timeout=10).json()
     assert (meta["model_version"], meta["ready"]) == ("1", True)
+
+
+def embed_all(settings: Settings, paths: list[Path]) -> np.ndarray:
+    rows = []
+    for path in paths:
+        with path.open("rb") as fh:
+            resp = requests.post(f"{settings.serving_url}/embed", files={"file": (path.name, fh, "image/png")}, timeout=30)
+        rows.append(resp.json()["embedding"])
+    return np.asarray(rows, dtype=np.float32)
+
+
+def test_shifted_traffic_confirms_drift_alerts_emits_the_asset_and_check_drift_retrains(stack, digits_root, tmp_path):
+    """monitor_drift and check_drift through Airflow, on real served embeddings against the champion's reference."""
+    from embedder import demo_data, storage
+
+    settings, airflow_env = stack
+    drift_env = {"RETRAIN_DRIFT_WINDOW_S": "60", "RETRAIN_DRIFT_WINDOWS": "2", "RETRAIN_DRIFT_MIN_SAMPLES": "40",
+                 "RETRAIN_DRIFT_PERMUTATIONS": "300", "RETRAIN_DRIFT_COOLDOWN_H": "0"}
+    test_images = sorted((digits_root / "test").rglob("*.png"))[:80]
+    shifted = []
+    for path in test_images:
+        target = tmp_path / f"shifted-{path.parent.name}-{path.name}"
+        target.write_bytes(demo_data.shifted_png(path.read_bytes()))
+        shifted.append(target)
+    same, moved = embed_all(settings, test_images), embed_all(settings, shifted)  # what serving answered
+    champion = alias_version(MlflowClient(settings.tracking_uri), MODEL, "champion")
+    start = int(time.time()) // 60 * 60 - 600
+    for i, rows in enumerate([same, moved, moved]):  # three closed windows, as the serving sampler writes them
+        buffer = io.BytesIO()
+        np.save(buffer, rows)
+        storage.write_bytes(storage.join(settings.drift.sample_uri, MODEL, f"v{champion}", f"window={start + 60 * i}",
+                                         "serving-1.npy"), buffer.getvalue())
+    alert_lines = len(Path(settings.alert_file).read_text().splitlines())
+
+    proc = subprocess.run([AIRFLOW, "dags", "test", "monitor_drift"], env={**airflow_env, **drift_env},
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert re.search(r"DagRun Finished: .*?state=success", out), out[-5000:]
+    assert "drift state drift: p < 0.01 in each of the last 2 windows" in out
+    assert f"drift Asset {MODEL}_drift_confirmed updated: champion version {champion}" in out
+    [alert] = [json.loads(a) for a in Path(settings.alert_file).read_text().splitlines()[alert_lines:]]
+    assert alert["kind"] == "drift" and alert["fields"]["model_version"] == champion
+    assert alert["fields"]["p_value"] < 0.01 and alert["fields"]["threshold"] == 0.01
+    client = MlflowClient(settings.tracking_uri)
+    run = client.search_runs([client.get_experiment_by_name(f"{settings.experiment}-monitoring").experiment_id])[0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "p_value")] == [start, start + 60, start + 120]
+
+    proc = subprocess.run([AIRFLOW, "tasks", "test", "retrain_embedder", "check_drift"], env={**airflow_env, **drift_env},
+                          capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert f"retrain=True: drift confirmed for champion version {champion}: p < 0.01 in each of the last 2 windows" in out
+
+
+def test_an_unreachable_mlflow_starts_no_training_and_alerts_once_after_the_retries(stack):
+    settings, airflow_env = stack
+    alert_lines = len(Path(settings.alert_file).read_text().splitlines())
+    state, out = dag_test(airflow_env, CONF, MLFLOW_TRACKING_URI="http://127.0.0.1:9", RETRAIN_TASK_RETRIES="1",
+                          RETRAIN_RETRY_DELAY_S="1", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                          MLFLOW_HTTP_REQUEST_TIMEOUT="2")
+    assert state == "failed"
+    assert "prepare_data" not in re.findall(r"\[DAG TEST\] starting task_id=(\w+)", out)
+    assert re.findall(r"\[DAG TEST\] starting task_id=(\w+)", out).count("check_drift") == 2  # one retry
+    new_alerts = [json.loads(a) for a in Path(settings.alert_file).read_text().splitlines()[alert_lines:]]
+    assert [(a["kind"], a["fields"]["task_id"]) for a in new_alerts] == [("task_failed", "check_drift")]

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from embedder import storage
 
@@ -41,6 +41,27 @@ def digit_png(pixels: np.ndarray, image_size: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def shifted_png(png: bytes) -> bytes:
+    """The same digit in a new look, the demo's drift: light ink on a dark background."""
+    img = ImageOps.invert(Image.open(io.BytesIO(png)).convert("RGB"))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def add_shifted(root: str, prefix: str = "shifted-") -> dict[str, int]:
+    """New labelled data arriving: a shifted copy of every image, next to it, named ``<prefix><name>``."""
+    counts: dict[str, int] = {}
+    for rel in storage.list_files(root):
+        split = rel.partition("/")[0]
+        if not rel.endswith(".png") or rel.rsplit("/", 1)[-1].startswith(prefix):
+            continue
+        folder, file = rel.rsplit("/", 1)
+        storage.write_bytes(storage.join(root, folder, prefix + file), shifted_png(storage.read_bytes(storage.join(root, rel))))
+        counts[split] = counts.get(split, 0) + 1
+    return counts
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float, per_class: int, seed: int):
