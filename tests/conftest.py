@@ -66,6 +66,16 @@ def mlflow_server(tmp_path_factory) -> str:
         log.close()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _checkout_stays_clean():
+    """No test may leave MLflow state in the checkout (MLflow's defaults are ./mlflow.db and ./mlruns)."""
+    strays = ("mlflow.db", "mlruns", "mlartifacts")
+    before = {name for name in strays if (REPO / name).exists()}
+    yield
+    created = {name for name in strays if (REPO / name).exists()} - before
+    assert not created, f"tests wrote {sorted(created)} into the checkout: some MLflow client used the default URI"
+
+
 @pytest.fixture(autouse=True)
 def _no_ambient_retrain_env(monkeypatch):
     for key in list(os.environ):
