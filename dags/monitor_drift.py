@@ -37,13 +37,7 @@ with DAG(
     max_active_runs=1,
     dagrun_timeout=timedelta(minutes=50),
     tags=["ml", "monitoring", "embedder"],
-    default_args={
-        "owner": "ml-platform",
-        "retries": settings.task_retries,
-        "retry_delay": timedelta(seconds=settings.retry_delay_s),
-        "retry_exponential_backoff": True,
-        "on_failure_callback": alerts.FailureNotifier(),
-    },
+    default_args=alerts.task_defaults(settings),
 ) as dag:
 
     @task(task_id="score_windows")

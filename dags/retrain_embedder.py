@@ -46,13 +46,7 @@ with DAG(
     max_active_runs=1,
     dagrun_timeout=timedelta(hours=12),
     tags=["ml", "retraining", "embedder"],
-    default_args={
-        "owner": "ml-platform",
-        "retries": settings.task_retries,
-        "retry_delay": timedelta(seconds=settings.retry_delay_s),
-        "retry_exponential_backoff": True,
-        "on_failure_callback": alerts.FailureNotifier(),
-    },
+    default_args=alerts.task_defaults(settings),
     params={
         "force_retrain": Param(False, type="boolean", title="Force retrain",
                                description="Train even when the champion is serving and no drift is confirmed."),

@@ -159,6 +159,19 @@ def task_failure_alert(context: Any) -> Alert:
     )
 
 
+def task_defaults(settings: Settings) -> dict[str, Any]:
+    """``default_args`` of every DAG here: owner, retries with exponential backoff, an alert on final failure."""
+    from datetime import timedelta
+
+    return {
+        "owner": "ml-platform",
+        "retries": settings.task_retries,
+        "retry_delay": timedelta(seconds=settings.retry_delay_s),
+        "retry_exponential_backoff": True,
+        "on_failure_callback": FailureNotifier(),
+    }
+
+
 class FailureNotifier(BaseNotifier):
     """``on_failure_callback`` for tasks: Airflow calls it only on a task's final failure (not on retries)."""
 

@@ -42,12 +42,21 @@ def test_dag_policy(dagbag, path):
         assert task.on_failure_callback, f"{task.task_id} has no failure alert"
 
 
-def test_dag_file_imports_no_ml_libraries():
+@pytest.mark.parametrize("module", ["retrain_embedder", "monitor_drift"])
+def test_dag_file_imports_no_ml_libraries(module):
     import sys
 
     before = set(sys.modules)
-    importlib.reload(importlib.import_module("retrain_embedder"))
+    importlib.reload(importlib.import_module(module))
     assert not {m for m in set(sys.modules) - before if m.split(".")[0] in ("torch", "torchvision", "embedder")}
+
+
+def test_monitor_drift_is_hourly_and_emits_the_asset_retrain_embedder_runs_on(dagbag, dag):
+    monitor = dagbag.dags["monitor_drift"]
+    assert monitor.timetable.expression == "5 * * * *" and monitor.max_active_runs == 1
+    assert monitor.get_task("drift_confirmed").downstream_task_ids == {"emit_drift_event"}
+    [emitted] = monitor.get_task("emit_drift_event").outlets
+    assert [emitted] == list(dag.timetable.asset_condition.objects)  # the Asset retrain_embedder is scheduled on
 
 
 def test_schedule_is_nightly_at_two_utc_one_run_at_a_time(dag):
