@@ -408,9 +408,12 @@ def _embedding_dim(client: MlflowClient, name: str, version: str) -> int | None:
     from mlflow.artifacts import download_artifacts
 
     try:
+        # The version's artifact location from the registry, then its MLmodel through the tracking server.
+        # (A models:/ URI would be resolved with MLflow's default registry, not this client's.)
+        location = client.get_model_version_download_uri(name, version)
         with tempfile.TemporaryDirectory(prefix="mlmodel-") as tmp:
-            path = download_artifacts(artifact_uri=f"models:/{name}/{version}/MLmodel", dst_path=tmp,
-                                      tracking_uri=client.tracking_uri, registry_uri=client._registry_uri)
+            path = download_artifacts(artifact_uri=f"{location.rstrip('/')}/MLmodel", dst_path=tmp,
+                                      tracking_uri=client.tracking_uri)
             return int(yaml.safe_load(Path(path).read_text())["metadata"]["embedding_dim"])
     except Exception as exc:  # the smoke test then checks the norm and latency only
         log.warning("could not read the embedding dimension of %s version %s (%s)", name, version, exc)
