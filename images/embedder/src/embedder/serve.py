@@ -35,7 +35,9 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, HTTPException, UploadFile
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from embedder import images, model, storage
@@ -184,7 +186,8 @@ class ModelHolder:
             stop.wait(interval)
 
 
-def create_app(holder: ModelHolder, poll_interval: float = 1.0, sampler: EmbeddingSampler | None = None) -> FastAPI:
+def create_app(holder: ModelHolder, poll_interval: float = 1.0, sampler: EmbeddingSampler | None = None,
+               max_pixels: int = images.DEFAULT_MAX_PIXELS) -> FastAPI:
     stop = threading.Event()
 
     async def lifespan(app: FastAPI):
@@ -200,6 +203,17 @@ def create_app(holder: ModelHolder, poll_interval: float = 1.0, sampler: Embeddi
             writer.join(30)
 
     app = FastAPI(title="embedder", summary="Image embeddings for similarity search", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A request of the wrong shape gets a 4xx that says what to send, not a schema dump."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.url.path == "/embed" and kind != "multipart/form-data":
+            return JSONResponse({"detail": f"send the image as multipart/form-data in the field 'file' "
+                                           f"(got content type {kind or 'none'})"}, status_code=415)
+        missing = [".".join(str(p) for p in e.get("loc", ())[1:]) for e in exc.errors() if e.get("type") == "missing"]
+        detail = f"missing form field(s): {', '.join(missing)}" if missing else "invalid request"
+        return JSONResponse({"detail": detail, "errors": jsonable_encoder(exc.errors())}, status_code=422)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -235,15 +249,20 @@ def create_app(holder: ModelHolder, poll_interval: float = 1.0, sampler: Embeddi
         cur = holder.current
         if cur is None:
             raise HTTPException(503, "no model loaded yet")
-        payload = file.file.read(MAX_UPLOAD_BYTES + 1)
+        name = file.filename or "upload"
+        kind = (file.content_type or "application/octet-stream").split(";")[0].strip().lower()
+        if not (kind.startswith("image/") or kind == "application/octet-stream"):
+            raise HTTPException(415, f"{name} was sent as {kind}; send an image file (image/png, image/jpeg, ...)")
+        payload = file.file.read(MAX_UPLOAD_BYTES + 1)  # never more than the limit in memory
         if len(payload) > MAX_UPLOAD_BYTES:
-            raise HTTPException(413, f"upload is larger than {MAX_UPLOAD_BYTES} bytes")
+            raise HTTPException(413, f"{name} is larger than the limit of {MAX_UPLOAD_BYTES} bytes")
         if not payload:
-            raise HTTPException(400, "empty upload: send an image file in the 'file' form field")
+            raise HTTPException(400, f"{name} is empty (0 bytes): send an image file in the 'file' form field")
         try:
-            image = images.decode_rgb(payload)
-        except Exception as exc:
-            raise HTTPException(400, f"{file.filename or 'upload'} is not a decodable image: {exc}") from None
+            image, _ = images.decode(payload, max_pixels=max_pixels)
+        except images.ImageRejected as exc:
+            too_big = "decompression bomb" in str(exc)
+            raise HTTPException(413 if too_big else 400, f"{name}: {exc}") from None
         batch = images.eval_transform(cur.loaded.image_size)(image).unsqueeze(0)
         vector = cur.loaded.embed(batch)[0]
         if sampler:
@@ -264,6 +283,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between reads of the record")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: the CPU budget)")
+    parser.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
+                        help="larger images are refused with 413 before they are decoded (decompression bombs)")
     group = parser.add_argument_group("embedding sample for the drift monitor")
     group.add_argument("--sample-uri", default=os.environ.get("SAMPLE_URI", ""),
                        help="storage prefix for sampled embeddings (file:// or s3://); empty: no sampling")
@@ -293,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
-    uvicorn.run(create_app(holder, args.poll_interval, sampler), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(create_app(holder, args.poll_interval, sampler, args.max_pixels), host=args.host, port=args.port,
+                log_level="info")
     return 0
 
 
