@@ -88,8 +88,7 @@ def compare(reference: np.ndarray, production: np.ndarray, *, alpha: float = 0.0
                          f"{1 / (permutations + 1):.4g}, never below alpha={alpha}; use at least "
                          f"{math.ceil(1 / alpha)} permutations")
     reference = np.asarray(reference, dtype=np.float64)
-    production = np.asarray(production, dtype=np.float64).reshape(-1, reference.shape[1]) if len(production) else \
-        np.zeros((0, reference.shape[1]))
+    production = np.asarray(production, dtype=np.float64).reshape(-1, reference.shape[1])  # (0, d) when empty
     if len(production) < min_samples or len(reference) < 2:
         return WindowResult(INSUFFICIENT, len(reference), len(production))
     mmd2, p_value, bandwidth = mmd_test(reference, production, permutations, seed)

@@ -72,9 +72,9 @@ def sample_windows(settings: Settings, model_name: str, version: str) -> dict[in
 
 
 def load_window(files: list[str]) -> np.ndarray:
+    """Every replica's sample of one window, as one array (``files`` is never empty: it lists what exists)."""
     storage = _storage()
-    parts = [np.load(io.BytesIO(storage.read_bytes(f)), allow_pickle=False) for f in files]
-    return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate([np.load(io.BytesIO(storage.read_bytes(f)), allow_pickle=False) for f in files])
 
 
 def load_reference(client: MlflowClient, model_name: str, version: str) -> np.ndarray:

@@ -132,7 +132,7 @@ class Settings:
     smoke_max_latency_s: float = 2.0
     checkpoint_every_steps: int = 500
     preemption_delay_s: float = 30.0
-    drift: DriftSettings = field(default_factory=lambda: DriftSettings())
+    drift: DriftSettings = field(default_factory=DriftSettings)
     pods: PodSettings = field(default_factory=PodSettings)
 
     @classmethod

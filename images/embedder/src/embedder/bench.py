@@ -105,7 +105,7 @@ def checkpoints(args: argparse.Namespace, tmp: str, manifest: data.Manifest) -> 
     cpu = torch.device("cpu")
     base_state = {"format": checkpoint.FORMAT, "dataset_version": manifest.dataset_version, "config": "bench"}
 
-    def run(with_checkpoints: bool, round_: int) -> tuple[float, int, checkpoint.AsyncCheckpointer | None, float]:
+    def run(with_checkpoints: bool, round_: int) -> tuple[float, int, checkpoint.AsyncCheckpointer | None]:
         trainer = train.Trainer(model.build(args.architecture, len(classes)), stage_args, cpu)
         saver = None
         if with_checkpoints:
@@ -119,13 +119,13 @@ def checkpoints(args: argparse.Namespace, tmp: str, manifest: data.Manifest) -> 
             if saver:
                 saver.flush()
             seconds = time.perf_counter() - start
-        return seconds, progress.global_step, saver, seconds / progress.global_step
+        return seconds, progress.global_step, saver
 
     timings: dict[bool, list[float]] = {False: [], True: []}
     saved, blocking, last_saver = [], [], None
     for round_ in range(args.checkpoint_rounds):
         for side in (False, True):
-            seconds, steps, saver, _ = run(side, round_)
+            seconds, steps, saver = run(side, round_)
             timings[side].append(seconds)
             if saver:
                 saved.append(len(saver.saved))

@@ -208,11 +208,11 @@ class CheckpointStore:
     # -- save ----------------------------------------------------------------------------------
 
     def save(self, state: dict[str, Any], *, global_step: int, epoch: int, batch: int,
-             metric: float | None = None, payload: bytes | None = None) -> Record:
+             metric: float | None = None) -> Record:
         """Write ``state`` (already on CPU), then the manifest naming it; prune what is no longer kept."""
         if self.manifest is None:
             raise CheckpointError(f"{self.uri}: no manifest yet (call begin first)")
-        data = payload if payload is not None else serialize(state)
+        data = serialize(state)
         name = f"ckpt-{global_step:09d}.pt"
         storage.write_bytes(self._uri(name), data)
         record = Record(name=name, global_step=global_step, epoch=epoch, batch=batch,

@@ -257,8 +257,7 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss()
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; returns the batch's summed loss and correct count (on the device)."""
-        self.net.train()
+        """One optimizer step (the net in train mode); returns the batch's summed loss and correct count (on the device)."""
         inputs = inputs.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
@@ -388,6 +387,7 @@ def fit(trainer: Trainer, progress: Progress, args: argparse.Namespace, train_lo
 
     for epoch in range(progress.epoch, args.epochs):
         sampler.set_epoch(epoch, progress.batch)
+        trainer.net.train()  # validation at the end of the previous epoch left it in eval mode
         meter = EpochMeter(progress, trainer.device)
         for inputs, targets in train_loader:
             batch_loss, batch_correct = trainer.step(inputs, targets)
@@ -493,11 +493,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     location = checkpoint_location(args)
     store = checkpoint.CheckpointStore(location, keep_last=args.keep_checkpoints) if location else None
     restored = store.restore(version, config) if store else None
-    saved = store.manifest if store else None
-    if saved and saved.matches(version, config) and saved.completed:
+    # The saved manifest counts only when it is for this data and configuration.
+    saved = store.manifest if store and store.manifest and store.manifest.matches(version, config) else None
+    if saved and saved.completed:
         log.info("training for this run already finished (%s); returning its result", saved.completed.get("model_uri"))
         return saved.completed
-    if saved and saved.matches(version, config) and saved.preemptions > args.max_preemptions:
+    if saved and saved.preemptions > args.max_preemptions:
         raise RuntimeError(f"this run was preempted {saved.preemptions} times (limit --max-preemptions "
                            f"{args.max_preemptions}); failing so it is retried or looked at")
 
@@ -512,7 +513,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     tags = {**contract.airflow_tags(args), "stage": "train", "dataset_version": version,
             "code_version": tracking.code_version(), "image": tracking.image_ref()}
     tracking.use_experiment(args.experiment)
-    run_id = saved.mlflow_run_id if saved and saved.matches(version, config) else None
+    run_id = saved.mlflow_run_id if saved else None
     resuming = _usable_run(run_id)
     if run_id and not resuming:
         log.warning("MLflow run %s of the saved checkpoints is gone; starting a new run", run_id)
