@@ -5,6 +5,9 @@ recall@k: every test image queries the other test images; a hit is a same-label 
 k nearest by cosine similarity. Top-1 accuracy uses each model's head on its embedding; test
 images of classes a model was not trained on count as misses. Metrics are logged on the
 challenger's run and on an evaluation run that holds both models' scores side by side.
+
+The challenger's run also gets what serving needs with the model: the drift monitor's reference
+(test-split embeddings) and the ``/similar`` gallery (training-split embeddings with labels).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from torch.utils.data import DataLoader
 
-from embedder import contract, data, images, model, tracking
+from embedder import contract, data, gallery, images, model, tracking
 
 log = logging.getLogger(__name__)
 CHAMPION_ALIAS = "champion"
@@ -40,6 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--reference-size", type=int, default=500,
                         help="test-split embeddings stored with the model as the drift monitor's reference")
+    parser.add_argument("--gallery-size", type=int, default=200_000,
+                        help="training images embedded into the /similar gallery logged with the model "
+                             "(a seeded sample when the split is larger; 0: no gallery)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: the CPU budget)")
     return contract.add_common_arguments(parser)
 
@@ -113,6 +119,19 @@ def log_reference(client: MlflowClient, run_id: str, embeddings: torch.Tensor, s
     return f"runs:/{run_id}/drift/reference.npy"
 
 
+def build_gallery(loaded: model.LoadedModel, manifest: data.Manifest, batch_size: int, size: int,
+                  seed: int = 0) -> gallery.Gallery:
+    """The challenger's embeddings of (a seeded sample of at most ``size``) training images, with labels."""
+    dataset = data.ManifestDataset(manifest, "train", {c: i for i, c in enumerate(manifest.classes)},
+                                   images.eval_transform(loaded.image_size))
+    if len(dataset) > size:
+        keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size].sort().values
+        dataset.entries = [dataset.entries[i] for i in keep.tolist()]
+    rows = [loaded.embed(batch) for batch, _ in DataLoader(dataset, batch_size=batch_size)]
+    return gallery.Gallery(torch.cat(rows), [e.label for e in dataset.entries], [e.path for e in dataset.entries],
+                           manifest.dataset_version)
+
+
 def champion_version(client: MlflowClient, model_name: str):
     """The registered version behind ``@champion``, or None when there is no champion yet."""
     try:
@@ -131,8 +150,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     client = MlflowClient()
 
     kept: list[torch.Tensor] = []
-    challenger = score(model.load(args.challenger_uri), manifest, args.batch_size, keep=kept)
+    loaded = model.load(args.challenger_uri)
+    challenger = score(loaded, manifest, args.batch_size, keep=kept)
     log_reference(client, args.challenger_run_id, kept[0], args.reference_size)
+    if args.gallery_size > 0:
+        built = build_gallery(loaded, manifest, args.batch_size, args.gallery_size)
+        gallery.log(client, args.challenger_run_id, built)
+        log.info("gallery: %d training images (%d-d) logged to run %s", len(built), built.dim, args.challenger_run_id)
     log.info("challenger %s on dataset %s: %s", args.challenger_uri, version, challenger)
     result: dict[str, Any] = {
         "dataset_version": version,
