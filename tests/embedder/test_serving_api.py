@@ -17,7 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from embedder import gallery, model, serve
+from embedder import gallery, serve
 from embedder.images import decode_rgb, eval_transform
 
 LIMITS = serve.Limits(max_pixels=1_000_000, max_batch_images=8, max_request_bytes=16 * 1024 * 1024)
@@ -41,16 +41,6 @@ def striped(seed: int) -> bytes:
 
 
 GALLERY_IMAGES = {f"g/{label}/{i}.png": (label, striped(i)) for i, label in zip(range(6), "aabbcc", strict=True)}
-
-
-@pytest.fixture(scope="module")
-def loaded():
-    torch.manual_seed(0)
-    net = model.build("resnet18", 3)
-    net.eval()
-    return model.LoadedModel(uri="models:/m/1", embedder=net.embedder, head_weight=torch.eye(3, 512),
-                             head_scale=16.0, metadata={"image_size": 32, "embedding_dim": 512,
-                                                        "classes": ["a", "b", "c"]})
 
 
 def app_client(loaded, with_gallery: bool = True, **kwargs) -> TestClient:

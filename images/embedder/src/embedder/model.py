@@ -160,11 +160,11 @@ def load_backbone_weights(backbone: models.ResNet, weights_uri: str) -> None:
         )
 
 
-def cpu_budget() -> int:
-    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (a pod's limit)."""
+def cpu_budget(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: the affinity mask, capped by a cgroup v2 CPU quota (a pod's limit), rounded down."""
     n = len(os.sched_getaffinity(0))
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota, period = cpu_max.read_text().split()
         if quota != "max":
             n = min(n, max(1, int(int(quota) / int(period))))
     except (OSError, ValueError):
