@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RETRAIN_HOME ?= $(CURDIR)/.retrain/demo
 export PYTHONPATH := $(CURDIR)/plugins$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: venv demo test test-fast bench lint up down serve airflow-ui lock clean
+.PHONY: venv demo test test-fast bench bench-serving lint up down serve airflow-ui lock clean
 
 venv: $(STAMP)
 
@@ -28,8 +28,12 @@ test: venv  ## the whole suite (unit, training, Airflow end-to-end)
 test-fast: venv  ## everything but the slow end-to-end and training tests
 	$(PY) -m pytest -m "not e2e and not training"
 
-bench: venv  ## train stage throughput vs a bare PyTorch loop, measured side by side
+bench: venv  ## train stage vs a bare loop, checkpoint cost, serving vs a bare forward loop: each side by side
 	$(PY) -m embedder.bench
+	$(PY) -m embedder.bench_serving
+
+bench-serving: venv  ## serving only: HTTP requests/s with 8 clients vs a bare batched forward loop, micro-batching on/off
+	$(PY) -m embedder.bench_serving
 
 lint: venv
 	$(VENV)/bin/ruff check .
