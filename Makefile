@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export RETRAIN_HOME ?= $(CURDIR)/.retrain/demo
 export PYTHONPATH := $(CURDIR)/plugins$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: venv demo test test-fast bench bench-serving lint up down serve airflow-ui lock clean
+.PHONY: venv demo test test-fast bench bench-serving compose-env compose-check lint up down serve airflow-ui lock clean
 
 venv: $(STAMP)
 
@@ -58,3 +58,9 @@ lock:  ## re-resolve requirements/dev.in into requirements/dev.lock
 
 clean: down
 	rm -rf .retrain .pytest_cache .ruff_cache
+
+compose-env: venv  ## write .env for docker-compose.yaml from .env.example, with random secrets (never overwrites)
+	$(PY) -m retrain.compose env
+
+compose-check: venv  ## check docker-compose.yaml without Docker (interpolation, Compose spec, references, pins)
+	$(PY) -m retrain.compose check

@@ -31,6 +31,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--test-fraction", type=float, default=0.15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="write even if the output already holds files")
+    parser.add_argument("--if-empty", action="store_true",
+                        help="do nothing (exit 0) when the output already holds files (for an init job)")
     return parser
 
 
@@ -100,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         existing = storage.list_files(args.output)
     except storage.StorageError:
         existing = []
+    if existing and args.if_empty and not args.overwrite:
+        print(f"{args.output} already holds {len(existing)} files; left as it is")
+        return 0
     if existing and not args.overwrite:
         print(f"{args.output} already holds {len(existing)} files; pass --overwrite to write anyway", file=sys.stderr)
         return 2
