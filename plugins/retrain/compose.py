@@ -180,8 +180,8 @@ def check(compose_file: Path, env_file: Path, repo: Path = REPO) -> list[str]:
 def write_env(example: Path, target: Path) -> int:
     """``target`` from ``example`` with every change-me replaced by a random secret; never overwrites."""
     if target.exists():
-        print(f"{target} exists; left as it is (delete it to generate a new one)", file=sys.stderr)
-        return 1
+        print(f"{target} exists; left as it is (delete it to generate a new one)")
+        return 0
     lines = []
     for line in example.read_text().splitlines():
         name, sep, value = line.partition("=")

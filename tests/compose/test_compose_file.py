@@ -112,5 +112,5 @@ def test_env_generates_fresh_secrets_and_never_overwrites(tmp_path):
     assert len(base64.urlsafe_b64decode(env["AIRFLOW_FERNET_KEY"])) == 32
     assert env["POSTGRES_PASSWORD"] != env["MLFLOW_DB_PASSWORD"]
     assert target.stat().st_mode & 0o777 == 0o600
-    assert compose.write_env(ENV, target) == 1 and compose.read_env_file(target) == env
+    assert compose.write_env(ENV, target) == 0 and compose.read_env_file(target) == env
     assert compose.check(COMPOSE, target) == []
