@@ -45,6 +45,17 @@ def test_serving_is_pinned_to_a_version_and_restricted(overlay):
         assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_serving_shutdown_fits_the_grace_period(overlay):
+    docs = build(overlay)
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("serving-config"))
+    (container,) = pod["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    shutdown = float(config["data"]["SERVING_SHUTDOWN_TIMEOUT_S"])
+    assert pre_stop + shutdown < pod["terminationGracePeriodSeconds"]  # in-flight requests finish before SIGKILL
+
+
 def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
