@@ -84,6 +84,12 @@ def test_first_run_trains_promotes_and_serves(stack):
     assert math.sqrt(sum(x * x for x in body["embedding"])) == pytest.approx(1.0, abs=1e-4)
     record = json.loads(Path(settings.serving_state_uri.removeprefix("file://")).read_text())
     assert record["model_version"] == "1" and "version 1 from Airflow run manual__" in record["change_cause"]
+    # /similar searches the gallery evaluate logged with version 1: the training split, with labels.
+    train_images = sum(1 for _ in (Path(settings.data_uri.removeprefix("file://")) / "train").rglob("*.png"))
+    assert meta["gallery_size"] == train_images
+    similar = requests.post(f"{settings.serving_url}/similar?k=3", files={"file": image.open("rb")}, timeout=30).json()
+    (result,) = similar["results"]
+    assert len(result["neighbors"]) == 3 and all(n["item"].startswith("train/") for n in result["neighbors"])
 
 
 def test_forced_run_compares_on_the_same_snapshot_and_keeps_a_better_champion(stack):
