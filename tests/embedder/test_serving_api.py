@@ -253,3 +253,21 @@ def test_every_pairing_of_route_and_encoding_is_accepted(client):
     for route, single in itertools.product(("/embed", "/similar"), (True, False)):
         body = {"image": b64(PNG)} if single else {"images": [b64(PNG)]}
         assert client.post(route, json=body).status_code == 200
+
+
+def test_a_streamed_body_without_content_length_is_cut_off_at_the_limit(loaded):
+    small = serve.Limits(max_request_bytes=100_000)
+    holder = serve.ModelHolder()
+    holder.current = serve.Serving(serve.Desired("m", "1"), loaded, "d1", "r1")
+
+    def chunks():
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
+        for _ in range(50):
+            yield b"x" * 10_000
+        yield b"\r\n--b--\r\n"
+
+    with TestClient(serve.create_app(holder, limits=small)) as c:
+        resp = c.post("/embed", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+        assert "content-length" not in resp.request.headers  # sent chunked
+    assert resp.status_code == 413
+    assert "is over the limit of 100000 bytes" in resp.json()["detail"]
