@@ -687,6 +687,16 @@ def configure_threads(threads: int) -> int:
     return threads
 
 
+def _env(name: str, kind: type, default: str):
+    """A flag's default from the environment; a value of the wrong type stops with a message naming it."""
+    value = os.environ.get(name, default)
+    try:
+        return kind(value)
+    except ValueError:
+        print(f"environment variable {name}={value!r} is not a valid {kind.__name__}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m embedder.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--state-uri", default=os.environ.get("SERVING_STATE_URI", ""),
@@ -696,20 +706,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between reads of the record")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("SERVING_THREADS", "0")),
+    parser.add_argument("--threads", type=int, default=_env("SERVING_THREADS", int, "0"),
                         help="torch intra-op threads and preprocessing workers (0: the CPU budget, i.e. the "
                              "container's CPU limit)")
     group = parser.add_argument_group("throughput")
-    group.add_argument("--max-batch", type=int, default=int(os.environ.get("SERVING_MAX_BATCH", "32")),
+    group.add_argument("--max-batch", type=int, default=_env("SERVING_MAX_BATCH", int, "32"),
                        help="images per forward pass (micro-batch bound)")
-    group.add_argument("--batch-wait-ms", type=float, default=float(os.environ.get("SERVING_BATCH_WAIT_MS", "5")),
+    group.add_argument("--batch-wait-ms", type=float, default=_env("SERVING_BATCH_WAIT_MS", float, "5"),
                        help="longest a request waits for others to share its forward pass")
-    group.add_argument("--max-queued", type=int, default=int(os.environ.get("SERVING_MAX_QUEUED", "256")),
+    group.add_argument("--max-queued", type=int, default=_env("SERVING_MAX_QUEUED", int, "256"),
                        help="images waiting for a forward pass before requests get 503 + Retry-After")
     group.add_argument("--no-micro-batching", action="store_true", help="one forward pass per request")
-    group.add_argument("--limit-concurrency", type=int, default=int(os.environ.get("SERVING_LIMIT_CONCURRENCY", "128")),
+    group.add_argument("--limit-concurrency", type=int, default=_env("SERVING_LIMIT_CONCURRENCY", int, "128"),
                        help="connections served at once; more get 503 (with the limits below, bounds memory)")
-    group.add_argument("--shutdown-timeout", type=float, default=float(os.environ.get("SERVING_SHUTDOWN_TIMEOUT_S", "25")),
+    group.add_argument("--shutdown-timeout", type=float, default=_env("SERVING_SHUTDOWN_TIMEOUT_S", float, "25"),
                        help="on SIGTERM, seconds to finish the requests in flight (keep below the pod's grace period)")
     group = parser.add_argument_group("request limits (413 past them)")
     group.add_argument("--max-image-bytes", type=int, default=MAX_UPLOAD_BYTES, help="bytes per image")
@@ -720,11 +730,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("embedding sample for the drift monitor")
     group.add_argument("--sample-uri", default=os.environ.get("SAMPLE_URI", ""),
                        help="storage prefix for sampled embeddings (file:// or s3://); empty: no sampling")
-    group.add_argument("--sample-rate", type=float, default=float(os.environ.get("SAMPLE_RATE", "0.1")),
+    group.add_argument("--sample-rate", type=float, default=_env("SAMPLE_RATE", float, "0.1"),
                        help="share of served embeddings kept")
-    group.add_argument("--window-seconds", type=float, default=float(os.environ.get("SAMPLE_WINDOW_S", "3600")),
+    group.add_argument("--window-seconds", type=float, default=_env("SAMPLE_WINDOW_S", float, "3600"),
                        help="length of a sample window")
-    group.add_argument("--max-per-window", type=int, default=int(os.environ.get("SAMPLE_MAX_PER_WINDOW", "2000")),
+    group.add_argument("--max-per-window", type=int, default=_env("SAMPLE_MAX_PER_WINDOW", int, "2000"),
                        help="embeddings kept per window and process (bounds memory)")
     return parser
 
