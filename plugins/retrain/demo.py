@@ -20,6 +20,7 @@ end so the UIs can be opened and ``/embed`` called. ``make down`` stops them.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import os
@@ -91,6 +92,21 @@ def embed_probe(settings: Settings) -> tuple[int, float, str]:
     return body["dim"], math.sqrt(sum(x * x for x in body["embedding"])), body["model_version"]
 
 
+def similar_probe(settings: Settings, limit: int = 64) -> tuple[float, int, int]:
+    """Held-out test images through /similar (JSON batches): label accuracy, images, classes."""
+    images = sorted((settings.home / "data" / "test").rglob("*.png"))
+    images = images[:: max(1, len(images) // limit)][:limit]
+    truth = [p.parent.name for p in images]
+    predicted: list[str] = []
+    for start in range(0, len(images), 16):
+        batch = [base64.b64encode(p.read_bytes()).decode() for p in images[start : start + 16]]
+        resp = requests.post(f"{settings.serving_url}/similar?k=5", json={"images": batch}, timeout=60)
+        resp.raise_for_status()
+        predicted += [r["label"] for r in resp.json()["results"]]
+    hits = sum(p == t for p, t in zip(predicted, truth, strict=True))
+    return hits / len(images), len(images), len(set(truth))
+
+
 def send_traffic(settings: Settings, images: list[Path], windows: int) -> None:
     """Post images to /embed for ``windows`` whole sample windows, then wait until the last one is readable."""
     window = settings.drift.window_s
@@ -156,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"top-1 accuracy {float(tags['eval.top1_accuracy']):.4f} on dataset {tags['eval.dataset_version']}")
     dim, norm, served = embed_probe(settings)
     print(f"   POST {settings.serving_url}/embed -> {dim} floats, L2 norm {norm:.6f}, from model version {served}")
+    accuracy, n, classes = similar_probe(settings)
+    print(f"   POST {settings.serving_url}/similar on {n} held-out images -> label accuracy {accuracy:.3f} "
+          f"(chance {1 / classes:.3f})")
 
     step("4. run 2 with force_retrain: challenger vs champion on the same snapshot")
     out = dag_run(settings, {**conf, "epochs": args.epochs + 1, "force_retrain": True}, "dag-run-2")
@@ -212,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     step(f"done in {time.monotonic() - started:.0f}s")
     print(f"   @{CHAMPION} = {name} version {champion} (before the drift: version {before}); serving version "
           f"{meta['model_version']} (dataset {meta['dataset_version']}); /embed -> {dim} floats, norm {norm:.6f}")
+    accuracy, n, classes = similar_probe(settings)
+    print(f"   /similar on {n} held-out images -> label accuracy {accuracy:.3f} (chance {1 / classes:.3f}); "
+          f"gallery of {meta['gallery_size']} training images")
     print(f"   MLflow UI:   {settings.tracking_uri}   (experiments '{settings.experiment}', "
           f"'{settings.experiment}-monitoring', '{settings.experiment}-serving'; model '{name}')")
     print(f"   Serving API: {settings.serving_url}/docs")
