@@ -23,8 +23,8 @@ from embedder.images import decode_rgb, eval_transform
 LIMITS = serve.Limits(max_pixels=1_000_000, max_batch_images=8, max_request_bytes=16 * 1024 * 1024)
 
 
-def image_bytes(mode: str, size=(40, 30), fmt: str = "PNG", color=None) -> bytes:
-    color = color or {"RGB": (200, 30, 30), "RGBA": (0, 0, 255, 128), "L": 128, "CMYK": (0, 255, 0, 0), "P": 3}[mode]
+def image_bytes(mode: str, size=(40, 30), fmt: str = "PNG") -> bytes:
+    color = {"RGB": (200, 30, 30), "RGBA": (0, 0, 255, 128), "L": 128, "CMYK": (0, 255, 0, 0), "P": 3}[mode]
     img = Image.new(mode, size, color)
     buf = io.BytesIO()
     img.save(buf, fmt)

@@ -149,7 +149,7 @@ def http_side(args: argparse.Namespace, pictures: list[bytes], micro_batching: b
         load(url, pictures, args.warmup)
         latencies = load(url, pictures, args.duration)
         return {"rps": len(latencies) / args.duration, "p50": statistics.median(latencies),
-                "p95": float(np.percentile(latencies, 95)), "requests": len(latencies), "batch": mean_batch(url)}
+                "p95": float(np.percentile(latencies, 95)), "batch": mean_batch(url)}
     finally:
         proc.terminate()
         proc.join(30)

@@ -519,13 +519,11 @@ def preprocess(items: list[tuple[str, bytes]], image_size: int, max_pixels: int)
 
 
 def create_app(holder: ModelHolder, poll_interval: float = 1.0, sampler: EmbeddingSampler | None = None,
-               max_pixels: int | None = None, limits: Limits | None = None, micro_batching: bool = True,
+               limits: Limits | None = None, micro_batching: bool = True,
                max_batch: int = 32, batch_wait_s: float = 0.005, max_queued: int = 256,
                workers: int | None = None) -> FastAPI:
     """The serving app around ``holder``; ``micro_batching=False`` runs each request's forward pass on its own."""
     limits = limits or Limits()
-    if max_pixels is not None:
-        limits = Limits(**{**limits.__dict__, "max_pixels": max_pixels})
     metrics = Metrics()
     workers = workers or model.cpu_budget()
     state: dict[str, Any] = {}
@@ -587,8 +585,9 @@ def create_app(holder: ModelHolder, poll_interval: float = 1.0, sampler: Embeddi
         if micro_batching:
             vectors = await state["batcher"].embed(cur.loaded, tensors)
         else:
+            started = time.perf_counter()
             vectors = await loop.run_in_executor(state["pool"], cur.loaded.embed, tensors)
-            metrics.observe_batch(len(tensors), 0.0)
+            metrics.observe_batch(len(tensors), time.perf_counter() - started)
         norms = vectors.norm(dim=1)
         for value in norms.tolist():
             metrics.norm.observe(value)
