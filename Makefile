@@ -6,23 +6,31 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RETRAIN_HOME ?= $(CURDIR)/.retrain/demo
-export PYTHONPATH := $(CURDIR)/plugins$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: venv demo test test-fast bench bench-serving compose-env compose-check lint up down serve airflow-ui lock clean
+.PHONY: venv browser demo test test-fast bench bench-serving compose-env compose-check lint up down status serve \
+	airflow-ui lock clean
 
 venv: $(STAMP)
 
-$(STAMP): requirements/dev.lock images/embedder/pyproject.toml
+# The project's packages, editable: the contract (images/contract), the model (images/embedder), the control
+# plane (images/airflow) and the dev tools (localdev, from the root pyproject). Their dependencies come from the lock.
+$(STAMP): requirements/dev.lock images/*/pyproject.toml pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/dev.lock
-	$(PY) -m pip install --quiet --no-deps -e images/embedder
+	$(PY) -m pip install --quiet --no-deps -e images/contract -e images/embedder -e images/airflow -e .
 	@touch $@
 
-demo: venv  ## the whole loop in local mode, ending with a promoted model served
-	$(PY) -m retrain.demo
+# Debian's Chromium for the browser tests (Playwright drives it; no browser is ever downloaded).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	  { echo "the browser tests need Chromium: install your distribution's chromium package"; exit 1; }
 
-test: venv  ## the whole suite (unit, training, Airflow end-to-end)
+demo: venv  ## the whole loop in local mode, through the running scheduler, ending with a promoted model served
+	$(PY) -m localdev.demo
+
+test: venv browser  ## the whole suite (unit, training, Airflow and browser end-to-end)
 	$(PY) -m pytest
 
 test-fast: venv  ## everything but the slow end-to-end and training tests
@@ -38,18 +46,16 @@ bench-serving: venv  ## serving only: HTTP requests/s with 8 clients vs a bare b
 lint: venv
 	$(VENV)/bin/ruff check .
 
-up: venv  ## start the local MLflow server and serving process
-	$(PY) -m retrain.localstack up
+up: venv  ## start the local stack: MLflow, serving, Airflow api-server, scheduler, dag-processor, triggerer
+	$(PY) -m localdev.stack up
 
-down:  ## stop them
-	$(PY) -m retrain.localstack down
+down:  ## stop the whole local stack (every process it started, and theirs)
+	@if [ -x $(PY) ]; then $(PY) -m localdev.stack down; fi
 
-serve: up
+status: venv  ## what of the local stack is up
+	$(PY) -m localdev.stack status
 
-airflow-ui: venv  ## Airflow's UI on http://127.0.0.1:8081 (api-server, scheduler, dag-processor, triggerer)
-	eval "$$($(PY) -c 'import shlex; from retrain.localstack import airflow_env; from retrain.settings import Settings; \
-	  [print(f"export {k}={shlex.quote(v)}") for k, v in airflow_env(Settings.from_env(), {}).items()]')" && \
-	  PATH=$(CURDIR)/$(VENV)/bin:$$PATH AIRFLOW__API__HOST=127.0.0.1 AIRFLOW__API__PORT=8081 airflow standalone
+serve airflow-ui: up  ## the stack includes serving and Airflow's UI (http://127.0.0.1:8081)
 
 lock:  ## re-resolve requirements/dev.in into requirements/dev.lock
 	$(PY) -m pip install --quiet -r requirements/dev.in
@@ -60,7 +66,7 @@ clean: down
 	rm -rf .retrain .pytest_cache .ruff_cache
 
 compose-env: venv  ## write .env for docker-compose.yaml from .env.example, with random secrets (never overwrites)
-	$(PY) -m retrain.compose env
+	$(PY) -m localdev.compose env
 
 compose-check: venv  ## check docker-compose.yaml without Docker (interpolation, Compose spec, references, pins)
-	$(PY) -m retrain.compose check
+	$(PY) -m localdev.compose check

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
 from airflow.sdk import DAG, CronTriggerTimetable, chain, task
 
 from retrain import alerts, monitor
 from retrain.assets import drift_asset
-from retrain.settings import Settings
+from retrain.settings import NEXT_TICK, Settings
 
 settings = Settings.from_env()
 
@@ -31,8 +30,7 @@ with DAG(
     dag_id="monitor_drift",
     description="Hourly drift check of the serving embeddings against the champion's reference",
     doc_md=__doc__,
-    schedule=CronTriggerTimetable("5 * * * *", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    schedule=CronTriggerTimetable(settings.monitor_schedule, timezone="UTC", run_immediately=NEXT_TICK),
     catchup=False,
     max_active_runs=1,
     dagrun_timeout=timedelta(minutes=50),

@@ -29,7 +29,7 @@ def evaluation(train: dict, recall: float, champion: tuple[str, float] | None) -
         "challenger": {"model_uri": train["model_uri"], "recall_at_1": recall, "recall_at_5": min(1, recall + 0.05),
                        "top1_accuracy": recall - 0.01},
         "champion": {"version": champion[0], "recall_at_1": champion[1]} if champion else None,
-        "evaluation_run_id": "e1",
+        "mlflow_run_id": "e1",
     }
 
 

@@ -188,7 +188,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if result["champion"]:
             metrics.update(champion.metrics("champion_"))
         mlflow.log_metrics(metrics)
-    result["evaluation_run_id"] = run.info.run_id
+    result["mlflow_run_id"] = run.info.run_id  # the evaluation run: both models' scores side by side
+    result["mlflow_experiment_id"] = run.info.experiment_id
     return result
 
 

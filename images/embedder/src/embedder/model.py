@@ -26,14 +26,10 @@ from torch import nn
 from torchvision import models
 
 from embedder import storage
+from retrain_contract import params
 
-ARCHITECTURES: dict[str, Callable[..., models.ResNet]] = {
-    "resnet18": models.resnet18,
-    "resnet34": models.resnet34,
-    "resnet50": models.resnet50,
-    "resnet101": models.resnet101,
-    "resnet152": models.resnet152,
-}
+# The run Param ``architecture`` offers exactly these (retrain_contract.params.ARCHITECTURES).
+ARCHITECTURES: dict[str, Callable[..., models.ResNet]] = {name: getattr(models, name) for name in params.ARCHITECTURES}
 HEAD_FILE = "head.pt"
 
 

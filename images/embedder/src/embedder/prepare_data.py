@@ -103,6 +103,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "quarantined": [vars(q) for q in manifest.quarantined],
         "class_changes": changes,
         "mlflow_run_id": run.info.run_id,
+        "mlflow_experiment_id": run.info.experiment_id,
     }
 
 

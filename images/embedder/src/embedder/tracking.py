@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -43,4 +44,10 @@ def use_experiment(name: str) -> None:
 
 def dataset_input(manifest_uri: str, dataset_version: str) -> MetaDataset:
     """The data snapshot as an MLflow dataset: the manifest as its source, the version as its digest."""
-    return MetaDataset(source=resolve_dataset_source(manifest_uri), name=f"images-{dataset_version}", digest=dataset_version)
+    with warnings.catch_warnings():
+        # MLflow registers an artifact dataset source per artifact scheme, and "file" and "" both map to
+        # LocalArtifactDatasetSource, so resolving a file:// URI warns that it matches two sources; they are
+        # the same class, so either is right.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(manifest_uri)
+    return MetaDataset(source=source, name=f"images-{dataset_version}", digest=dataset_version)

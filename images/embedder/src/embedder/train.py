@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 import embedder
 from embedder import checkpoint, contract, data, images, model, tracking
+from retrain_contract import params
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m embedder.train", description=__doc__.splitlines()[0])
     parser.add_argument("--manifest-uri", required=True, help="manifest written by prepare_data")
     parser.add_argument("--experiment", required=True, help="MLflow experiment name")
-    parser.add_argument("--architecture", default="resnet50", choices=sorted(model.ARCHITECTURES))
-    parser.add_argument("--image-size", type=int, default=224, help="images are resized to this square side")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW learning rate")
+    for spec in params.TRAINING:  # the run Params: same defaults and bounds as the DAG's
+        spec.add_argument(parser)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--augment", default="crop", choices=images.AUGMENTATIONS)
-    parser.add_argument("--pretrained-weights", default="", help="optional torchvision state dict (file:// or s3://)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
     parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
@@ -82,17 +79,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept, besides the best one")
     group.add_argument("--max-preemptions", type=int, default=20,
                        help="after this many SIGTERM stops the run fails like any other error")
-    group.add_argument("--log-every-steps", type=int, default=10, help="log the batch loss every N steps")
+    group.add_argument("--log-every-steps", type=int, default=10, help="log the batch loss to MLflow every N steps")
+    group.add_argument("--progress-every-steps", type=int, default=50,
+                       help="log progress within an epoch every N steps, or every --progress-every-s, whichever comes first")
+    group.add_argument("--progress-every-s", type=float, default=30.0, help="see --progress-every-steps")
     return contract.add_common_arguments(parser)
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    for name, minimum in (("epochs", 1), ("batch_size", 1), ("image_size", 32), ("checkpoint_every_steps", 0),
-                          ("keep_checkpoints", 1), ("log_every_steps", 1), ("max_preemptions", 0)):
+    """The flags that are not run Params (those are checked by their specs as they are parsed)."""
+    for name, minimum in (("checkpoint_every_steps", 0), ("keep_checkpoints", 1), ("log_every_steps", 1),
+                          ("max_preemptions", 0), ("progress_every_steps", 1), ("progress_every_s", 0)):
         if getattr(args, name) < minimum:
             raise contract.StageInputError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
-    if not args.learning_rate > 0:
-        raise contract.StageInputError(f"--learning-rate must be positive, got {args.learning_rate}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise contract.StageInputError("--device cuda, but no CUDA device is visible (check the GPU request and driver)")
 
@@ -293,6 +292,51 @@ def accuracy(net: model.Classifier, loader: DataLoader, device: torch.device | N
     return correct / seen if seen else float("nan")
 
 
+class ProgressLog:
+    """Logs where training is within an epoch: every ``every_steps`` steps or ``every_s`` seconds, whichever first.
+
+    A line says the epoch and step, the share done, images/s since the last line, the batch loss
+    and the estimated time to the end of training (from the pace since this process started).
+    """
+
+    def __init__(self, every_steps: int, every_s: float, epochs: int, per_epoch: int, clock=time.monotonic):
+        self.every_steps, self.every_s = every_steps, every_s
+        self.epochs, self.per_epoch = epochs, per_epoch
+        self.clock = clock
+        self.started = self.last_time = clock()
+        self.first_step: int | None = None
+        self.last_step = 0
+        self.images = 0
+
+    def step(self, progress: Progress, images: int, loss_sum: torch.Tensor | float) -> str | None:
+        """Count one step of ``images`` with summed loss ``loss_sum``; returns (and logs) the line when one is due.
+
+        The loss is read only when a line is due, so a GPU is not synchronised every step.
+        """
+        now = self.clock()
+        if self.first_step is None:
+            self.first_step = self.last_step = progress.global_step - 1
+        self.images += images
+        if progress.global_step - self.last_step < self.every_steps and now - self.last_time < self.every_s:
+            return None
+        total = self.epochs * self.per_epoch
+        per_step = (now - self.started) / max(1, progress.global_step - self.first_step)
+        eta = (total - progress.global_step) * per_step
+        line = (f"epoch {progress.epoch + 1}/{self.epochs} step {progress.batch}/{self.per_epoch} "
+                f"({100 * progress.global_step / total:.0f}% of training): "
+                f"{self.images / max(now - self.last_time, 1e-9):.1f} images/s, loss {float(loss_sum) / images:.4f}, "
+                f"ETA {_duration(eta)}")
+        log.info(line)
+        self.last_time, self.last_step, self.images = now, progress.global_step, 0
+        return line
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
 # -- metrics that are never logged twice -------------------------------------------------------
 
 
@@ -375,6 +419,7 @@ def fit(trainer: Trainer, progress: Progress, args: argparse.Namespace, train_lo
     sampler: EpochBatchSampler = train_loader.batch_sampler
     per_epoch = sampler.batches_per_epoch
     last: dict[str, float] = {}
+    reporter = ProgressLog(args.progress_every_steps, args.progress_every_s, args.epochs, per_epoch)
 
     def save(wait: bool = False, metric: float | None = None) -> None:
         if metrics:
@@ -397,6 +442,7 @@ def fit(trainer: Trainer, progress: Progress, args: argparse.Namespace, train_lo
             progress.seen += len(targets)
             if metrics and progress.global_step % args.log_every_steps == 0:
                 metrics.add({"batch_loss": batch_loss.item() / len(targets)}, progress.global_step)
+            reporter.step(progress, len(targets), batch_loss)
             if stop.requested:
                 meter.sync()
                 if saver is None:
@@ -578,6 +624,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
         result = {
             "mlflow_run_id": run.info.run_id,
+            "mlflow_experiment_id": run.info.experiment_id,
             "model_uri": info.model_uri,
             "dataset_version": version,
             "architecture": args.architecture,

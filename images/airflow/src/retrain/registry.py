@@ -7,6 +7,8 @@ champion moves only when the challenger beats it on the same data snapshot by at
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -69,7 +71,14 @@ def register_challenger(client: MlflowClient, model_name: str, model_uri: str, r
         return version
     run_tags = client.get_run(run_id).data.tags
     tags = {k: run_tags[k] for k in LINEAGE_TAGS if k in run_tags} | extra_tags
-    mv = mlflow.register_model(model_uri, model_name, tags=tags)
+    # register_model prints its progress ("Successfully registered model ...") to stderr, which a task
+    # log shows as errors; it goes to this module's log at INFO instead.
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):
+        mv = mlflow.register_model(model_uri, model_name, tags=tags)
+    for line in printed.getvalue().splitlines():
+        if line.strip():
+            log.info("%s", line.strip())
     return str(mv.version)
 
 
@@ -93,7 +102,7 @@ def promote(model_name: str, train_result: dict[str, Any], evaluation: dict[str,
         "eval.recall_at_1": f"{challenger['recall_at_1']:.6f}",
         "eval.recall_at_5": f"{challenger['recall_at_5']:.6f}",
         "eval.top1_accuracy": f"{challenger['top1_accuracy']:.6f}",
-        "eval.run_id": evaluation.get("evaluation_run_id", ""),
+        "eval.run_id": evaluation.get("mlflow_run_id", ""),
         "champion.version": champion["version"] if champion else "none",
         "champion.recall_at_1": f"{champion['recall_at_1']:.6f}" if champion else "none",
         "promotion.min_improvement": str(min_improvement),

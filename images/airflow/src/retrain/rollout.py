@@ -359,8 +359,9 @@ def serving_experiment(settings: Settings) -> str:
 
 
 def record_serving(client: MlflowClient, settings: Settings, *, model_name: str, version: str, outcome: str,
-                   revision: int, airflow_run_id: str, reason: str = "", details: dict[str, Any] | None = None) -> str:
-    """One MLflow run per rollout in the ``<experiment>-serving`` experiment; returns its id.
+                   revision: int, airflow_run_id: str, reason: str = "",
+                   details: dict[str, Any] | None = None) -> tuple[str, str]:
+    """One MLflow run per rollout in the ``<experiment>-serving`` experiment; returns (experiment id, run id).
 
     ``outcome`` is ``rolled_out`` (``version`` serves from now on; the run it replaces gets
     ``serving.until``) or ``rolled_back`` (``version`` failed and the previous one serves on). With
@@ -386,7 +387,7 @@ def record_serving(client: MlflowClient, settings: Settings, *, model_name: str,
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             client.log_metric(run.info.run_id, key, float(value), timestamp=now_ms)
     client.set_terminated(run.info.run_id, "FINISHED" if outcome == "rolled_out" else "FAILED", end_time=now_ms)
-    return run.info.run_id
+    return experiment_id, run.info.run_id
 
 
 def serving_at(client: MlflowClient, settings: Settings, when_ms: int) -> dict[str, str] | None:
@@ -455,7 +456,7 @@ def roll_out_champion(settings: Settings, promotion: dict[str, Any], airflow_run
         exc.alerted = True
         raise
     if result["changed"] or deployment_live_unrecorded(client, settings, name, version):
-        result["serving_run_id"] = record_serving(
+        result["serving_experiment_id"], result["serving_run_id"] = record_serving(
             client, settings, model_name=name, version=version, outcome="rolled_out", revision=result["revision"],
             airflow_run_id=run_id, details={"embed_latency_ms": result["embed_latency_ms"]})
     return result

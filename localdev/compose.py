@@ -1,10 +1,10 @@
 """docker-compose.yaml tooling: write a ``.env`` with random secrets, and check the file without Docker.
 
-``python -m retrain.compose env`` writes ``.env`` from ``.env.example`` with every ``change-me``
+``python -m localdev.compose env`` writes ``.env`` from ``.env.example`` with every ``change-me``
 replaced by a fresh random secret (the Fernet key in its required format); it never overwrites an
 existing ``.env``.
 
-``python -m retrain.compose check`` is what ``docker compose config`` would catch, and what this
+``python -m localdev.compose check`` is what ``docker compose config`` would catch, and what this
 project requires on top, for machines without Docker:
 
 - variables interpolated the way Compose does (``$$``, ``${VAR}``, ``${VAR:-default}``,
@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "change-me"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|FERNET", re.I)
 VARIABLE = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
@@ -201,7 +201,7 @@ def write_env(example: Path, target: Path) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m retrain.compose", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m localdev.compose", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="write .env from .env.example with random secrets")
     checker = sub.add_parser("check", help="check docker-compose.yaml (no Docker needed)")

@@ -9,24 +9,31 @@ stage writes one JSON document to its result path; the runner returns it as the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import logging
 import os
+import re
 import shlex
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowRescheduleException
 
+from retrain import links
 from retrain.settings import Settings
+from retrain_contract.params import ParamSpec
 
 # embedder.contract.EXIT_BAD_INPUT: the stage rejected its input; retrying cannot help.
 EXIT_BAD_INPUT = 2
@@ -59,6 +66,7 @@ class LocalStageOperator(BaseOperator):
     """Run a stage as a local subprocess, stream its output to the task log, return its JSON result."""
 
     template_fields: Sequence[str] = ("arguments",)
+    operator_extra_links = (links.MLflowRunLink(),)
     ui_color = "#e8f4ea"
 
     def __init__(self, *, stage: StageSpec, arguments: list[str], python: str, env: dict[str, str],
@@ -79,22 +87,21 @@ class LocalStageOperator(BaseOperator):
             cmd = [*self.stage.command(self.python), *map(str, self.arguments)]
             env = {**os.environ, **self.env, RESULT_PATH_ENV: str(result_path)}
             self.log.info("running stage %s: %s", self.stage.name, shlex.join(cmd))
-            tail: deque[str] = deque(maxlen=30)
-            self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          start_new_session=True)
-            assert self._proc.stdout is not None
-            for line in self._proc.stdout:
-                self.log.info("[%s] %s", self.stage.name, line.rstrip())
-                tail.append(line.rstrip())
+            self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          start_new_session=True, preexec_fn=_die_with_parent)
+            tail = StageLog(self.stage.name, self.log).follow(self._proc)
             code = self._proc.wait()
             if code == EXIT_BAD_INPUT:
-                raise AirflowFailException(f"stage {self.stage.name} rejected its input: {_last_error(tail)}")
+                raise AirflowFailException(f"stage {self.stage.name} rejected its input: {tail.error()}")
             if code == EXIT_PREEMPTED and not self._killed:
                 self.log.warning("stage %s was stopped by SIGTERM and saved its progress; rescheduling it in %.0f s "
                                  "(same try: preemptions do not use up retries)", self.stage.name, self.preemption_delay_s)
                 raise reschedule_after_preemption(self.preemption_delay_s)
+            if code < 0:
+                raise AirflowException(f"stage {self.stage.name} was killed by {signal.Signals(-code).name}; "
+                                       f"its last lines:\n{tail.last()}")
             if code != 0:
-                raise AirflowException(f"stage {self.stage.name} failed with exit code {code}: {_last_error(tail)}")
+                raise AirflowException(f"stage {self.stage.name} failed with exit code {code}: {tail.error()}")
             if not result_path.exists():
                 raise AirflowException(f"stage {self.stage.name} exited 0 but wrote no result to {result_path}")
             return json.loads(result_path.read_text())
@@ -123,11 +130,83 @@ def reschedule_after_preemption(delay_s: float) -> AirflowRescheduleException:
     return AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=delay_s))
 
 
-def _last_error(tail: deque[str]) -> str:
-    for line in reversed(tail):
-        if "error" in line.lower() or line.startswith(("Traceback", "raise")):
-            return line.strip()
-    return tail[-1] if tail else "(no output)"
+_LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)$")  # the stages' own log format
+
+
+class StageLog:
+    """Relays a stage's stdout and stderr to the task log, each line at the level it carries.
+
+    The stages log ``<date> <time> <LEVEL> <logger>: <message>``; such a line is logged at its level
+    without the stage's own timestamp. A line without a level is INFO on stdout; on stderr it is
+    WARNING (Python's warnings), or ERROR inside a traceback. The last lines are kept for the
+    failure message.
+    """
+
+    def __init__(self, stage: str, logger: logging.Logger, keep: int = 30):
+        self.stage, self.logger = stage, logger
+        self.tail: deque[tuple[int, str]] = deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def line(self, text: str, stderr: bool, in_traceback: bool = False) -> int:
+        """Log one line; returns the level it was logged at."""
+        text = text.rstrip()
+        match = _LEVEL.match(text)
+        if match:
+            level, text = logging.getLevelName(match.group(1)), match.group(2)
+        elif not stderr:
+            level = logging.INFO
+        else:
+            level = logging.ERROR if in_traceback else logging.WARNING
+        with self._lock:
+            self.logger.log(level, "[%s] %s", self.stage, text)
+            self.tail.append((level, text))
+        return level
+
+    def _read(self, stream: IO[str], stderr: bool) -> None:
+        in_traceback = False
+        for raw in stream:
+            if stderr and raw.startswith("Traceback (most recent call last)"):
+                in_traceback = True
+            self.line(raw, stderr, in_traceback)
+            if in_traceback and raw[:1] not in (" ", "\t") and not raw.startswith("Traceback"):
+                in_traceback = False  # the exception line ends the traceback
+
+    def follow(self, proc: subprocess.Popen[str]) -> StageLog:
+        """Relay both streams until the process closes them."""
+        readers = [threading.Thread(target=self._read, args=(stream, stream is proc.stderr), daemon=True)
+                   for stream in (proc.stdout, proc.stderr) if stream is not None]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
+        return self
+
+    def error(self) -> str:
+        """The most telling line: the last one at ERROR or above, else the last line."""
+        for level, text in reversed(self.tail):
+            if level >= logging.ERROR:
+                return text.strip()
+        return self.tail[-1][1] if self.tail else "(no output)"
+
+    def last(self, n: int = 10) -> str:
+        return "\n".join(text for _, text in list(self.tail)[-n:]) or "(no output)"
+
+
+def _die_with_parent() -> None:
+    """In the stage's process, before exec: get SIGTERM when the task process that started it dies (Linux).
+
+    A task process killed outright (its worker lost, the scheduler's tree killed) then still stops its
+    stage, which saves a checkpoint and exits, instead of training on as an orphan next to the retry.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def param_arguments(specs: Sequence[ParamSpec]) -> list[str]:
+    """The stage flags of these run Params, as templates of their values (an empty optional one: ``""``)."""
+    return [arg for spec in specs
+            for arg in (spec.flag, f"{{{{ '' if params.{spec.name} is none else params.{spec.name} }}}}")]
 
 
 def stage_operator(name: str, arguments: list[str], settings: Settings, **kwargs: Any) -> BaseOperator:

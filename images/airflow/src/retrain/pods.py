@@ -15,6 +15,7 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
+from retrain import links
 from retrain.settings import PodSettings, Settings
 from retrain.stages import EXIT_BAD_INPUT, EXIT_PREEMPTED, reschedule_after_preemption
 
@@ -55,6 +56,8 @@ class StagePodOperator(KubernetesPodOperator):
     the ``DisruptionTarget`` condition) is rescheduled in the same try, so it does not use up a
     retry, and resumes from its checkpoint in a new pod.
     """
+
+    operator_extra_links = (links.MLflowRunLink(),)
 
     def __init__(self, *, preemption_delay_s: float = 30.0, **kwargs: Any):
         super().__init__(**kwargs)

@@ -11,9 +11,18 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from retrain_contract import params
 
 RUNNERS = ("local", "kubernetes")
+# A schedule's first run is its next tick after the DAG appears or is unpaused: unpausing never starts the
+# slot that just passed. (Airflow 3.3's CronTriggerTimetable treats run_immediately=False like None, which
+# runs a slot missed less than a tenth of the interval ago; a zero timedelta says "never".)
+NEXT_TICK = timedelta(0)
 
 
 class SettingsError(ValueError):
@@ -87,26 +96,27 @@ class DriftSettings:
     sample_uri: str = ""  # where serving writes sampled embeddings (the serving process's --sample-uri)
     sample_rate: float = 0.1  # share of served embeddings sampled (local mode's serving process)
     window_s: float = 3600.0  # sample window; the serving process's --window-seconds must match
-    alpha: float = 0.01  # a window drifts when its permutation p-value is below this (strict)
+    alpha: float = params.DRIFT_ALPHA.default  # a window drifts when its permutation p-value is below this (strict)
     min_samples: int = 50  # fewer production embeddings in a window: insufficient, not drift
     permutations: int = 500
-    windows: int = 3  # K: drift confirmed after this many consecutive drifted windows
-    cooldown_h: float = 24.0  # no drift-triggered retrain within this long after the last training
-    max_age_days: float = 30.0  # retrain when the champion is older than this
+    windows: int = params.DRIFT_WINDOWS.default  # K: drift confirmed after this many consecutive drifted windows
+    cooldown_h: float = params.DRIFT_COOLDOWN_H.default  # no drift-triggered retrain this soon after the last training
+    max_age_days: float = params.MAX_CHAMPION_AGE_DAYS.default  # retrain when the champion is older than this
     alert_cooldown_h: float = 6.0  # a drift alert repeats for an unchanged state only after this long
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str], home: Path) -> DriftSettings:
+    def from_env(cls, env: Mapping[str, str], home: Path, defaults: Mapping[str, Any]) -> DriftSettings:
+        """``defaults``: the run Params' deployment defaults (alpha, K, cooldown and maximum age are Params too)."""
         return cls(
             sample_uri=env.get("RETRAIN_SAMPLE_URI", (home / "samples").as_uri()),
             sample_rate=_number(env, "RETRAIN_SAMPLE_RATE", 0.1, inclusive=True),
             window_s=_number(env, "RETRAIN_DRIFT_WINDOW_S", 3600.0),
-            alpha=_number(env, "RETRAIN_DRIFT_ALPHA", 0.01),
+            alpha=defaults[params.DRIFT_ALPHA.name],
             min_samples=int(_number(env, "RETRAIN_DRIFT_MIN_SAMPLES", 50, minimum=2, inclusive=True)),
             permutations=int(_number(env, "RETRAIN_DRIFT_PERMUTATIONS", 500, minimum=19, inclusive=True)),
-            windows=int(_number(env, "RETRAIN_DRIFT_WINDOWS", 3, minimum=1, inclusive=True)),
-            cooldown_h=_number(env, "RETRAIN_DRIFT_COOLDOWN_H", 24.0, inclusive=True),
-            max_age_days=_number(env, "RETRAIN_MAX_CHAMPION_AGE_DAYS", 30.0),
+            windows=defaults[params.DRIFT_WINDOWS.name],
+            cooldown_h=defaults[params.DRIFT_COOLDOWN_H.name],
+            max_age_days=defaults[params.MAX_CHAMPION_AGE_DAYS.name],
             alert_cooldown_h=_number(env, "RETRAIN_DRIFT_ALERT_COOLDOWN_H", 6.0, inclusive=True),
         )
 
@@ -122,11 +132,15 @@ class Settings:
     model_name: str
     serving_url: str
     serving_state_uri: str
+    airflow_url: str
+    mlflow_ui_url: str
     deploy_timeout_s: float
     deploy_poll_s: float
     local_python: str
     alert_file: str
     serving_deployment: str = "embedder-serving"
+    schedule: str = "0 2 * * *"  # retrain_embedder's cron (UTC); it also runs on the drift Asset
+    monitor_schedule: str = "5 * * * *"  # monitor_drift's cron (UTC)
     task_retries: int = 2
     retry_delay_s: float = 60.0
     smoke_max_latency_s: float = 2.0
@@ -134,6 +148,8 @@ class Settings:
     preemption_delay_s: float = 30.0
     drift: DriftSettings = field(default_factory=DriftSettings)
     pods: PodSettings = field(default_factory=PodSettings)
+    # Each run Param's default in this deployment (RETRAIN_EPOCHS, ...): what runs without a conf use.
+    param_defaults: dict[str, Any] = field(default_factory=lambda: {p.name: p.default for p in params.ALL})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -142,28 +158,39 @@ class Settings:
         runner = env.get("RETRAIN_RUNNER", "local")
         if runner not in RUNNERS:
             raise SettingsError(f"RETRAIN_RUNNER={runner!r} is not a runner; set it to one of {', '.join(RUNNERS)}")
+        tracking_uri = env.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+        try:
+            defaults = {p.name: p.from_env(env) for p in params.ALL}
+        except params.ParamError as exc:
+            raise SettingsError(str(exc)) from None
         return cls(
             runner=runner,
             home=home,
-            tracking_uri=env.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"),
+            tracking_uri=tracking_uri,
             data_uri=env.get("RETRAIN_DATA_URI", (home / "data").as_uri()),
             storage_uri=env.get("RETRAIN_STORAGE_URI", (home / "storage").as_uri()),
             experiment=env.get("RETRAIN_EXPERIMENT", "image-embedder"),
             model_name=env.get("RETRAIN_MODEL_NAME", "image-embedder"),
             serving_url=env.get("RETRAIN_SERVING_URL", "http://127.0.0.1:8080").rstrip("/"),
             serving_state_uri=env.get("RETRAIN_SERVING_STATE_URI", (home / "serving" / "desired.json").as_uri()),
+            airflow_url=env.get("RETRAIN_AIRFLOW_URL", "http://127.0.0.1:8081").rstrip("/"),
+            # What a browser opens for MLflow links; the tracking URI may be an in-cluster address.
+            mlflow_ui_url=env.get("RETRAIN_MLFLOW_UI_URL", tracking_uri).rstrip("/"),
             deploy_timeout_s=_number(env, "RETRAIN_DEPLOY_TIMEOUT_S", 300.0),
             deploy_poll_s=_number(env, "RETRAIN_DEPLOY_POLL_S", 1.0),
             local_python=env.get("RETRAIN_LOCAL_PYTHON", sys.executable),
             alert_file=env.get("RETRAIN_ALERT_FILE", str(home / "alerts.jsonl")),
             serving_deployment=env.get("RETRAIN_SERVING_DEPLOYMENT", "embedder-serving"),
+            schedule=_cron(env, "RETRAIN_SCHEDULE", cls.schedule),
+            monitor_schedule=_cron(env, "RETRAIN_MONITOR_SCHEDULE", cls.monitor_schedule),
             task_retries=int(_number(env, "RETRAIN_TASK_RETRIES", 2, inclusive=True)),
             retry_delay_s=_number(env, "RETRAIN_RETRY_DELAY_S", 60.0),
             smoke_max_latency_s=_number(env, "RETRAIN_SMOKE_MAX_LATENCY_S", 2.0),
             checkpoint_every_steps=int(_number(env, "RETRAIN_CHECKPOINT_EVERY_STEPS", 500, inclusive=True)),
             preemption_delay_s=_number(env, "RETRAIN_PREEMPTION_DELAY_S", 30.0, inclusive=True),
-            drift=DriftSettings.from_env(env, home),
+            drift=DriftSettings.from_env(env, home, defaults),
             pods=PodSettings.from_env(env),
+            param_defaults=defaults,
         )
 
     @property
@@ -172,8 +199,20 @@ class Settings:
         return f"{self.storage_uri.rstrip('/')}/checkpoints"
 
     def stage_env(self) -> dict[str, str]:
-        """Environment every stage process needs (beyond its flags)."""
-        return {"MLFLOW_TRACKING_URI": self.tracking_uri}
+        """Environment every stage process needs (beyond its flags).
+
+        ``MLFLOW_CONFIGURE_LOGGING=false`` lets MLflow's messages go through the stage's own log
+        format (with their level) instead of MLflow's handler on stderr.
+        """
+        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_CONFIGURE_LOGGING": "false"}
+
+    def mlflow_run_url(self, experiment_id: str, run_id: str) -> str:
+        """The MLflow UI page of a run, as a browser opens it."""
+        return f"{self.mlflow_ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def model_version_url(self, model_name: str, version: str) -> str:
+        """The MLflow UI page of a registered model version."""
+        return f"{self.mlflow_ui_url}/#/models/{quote(model_name, safe='')}/versions/{version}"
 
 
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0, inclusive: bool = False) -> float:
@@ -188,3 +227,11 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 
         raise SettingsError(f"{name}={raw!r} must be {'at least' if inclusive else 'more than'} {minimum:g}")
     return value
 
+
+
+def _cron(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, default).strip()
+    if len(value.split()) != 5:
+        raise SettingsError(f"{name}={value!r} is not a five-field cron expression (minute hour day month weekday), "
+                            f"e.g. {default!r}")
+    return value

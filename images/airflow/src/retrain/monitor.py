@@ -189,7 +189,7 @@ def _alert_on_change(client: MlflowClient, settings: Settings, run, state: str, 
         return
     latest = scored[-1] if scored else None
     name, version = tags["drift.model_name"], tags["drift.model_version"]
-    link = f"{settings.tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    link = settings.mlflow_run_url(run.info.experiment_id, run.info.run_id)
     title = (f"drift confirmed for {name} version {version}" if state == drift.DRIFT
              else f"drift cleared for {name} version {version}")
     send_alert(Alert(kind="drift", title=title, text=why, fields={

@@ -1,0 +1,96 @@
+"""The control plane's own tasks as operators: the retrain decision, promotion and deployment.
+
+They are thin: each calls one function of the control plane (:mod:`retrain.decision`,
+:mod:`retrain.registry`, :mod:`retrain.rollout`) with its rendered inputs, logs what it decided at
+INFO, and returns a small JSON result (the task's XCom) from which its extra links are built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.bases.skipmixin import SkipMixin
+from airflow.sdk.exceptions import AirflowFailException
+
+from retrain import links
+from retrain.settings import Settings
+
+
+class CheckDriftOperator(BaseOperator, SkipMixin):
+    """Decide from the registry and MLflow whether this run trains; when not, skip the rest and say why.
+
+    Reads the run's Params ``force_retrain``, ``drift_alpha``, ``drift_windows``, ``drift_cooldown_h``
+    and ``max_champion_age_days``. The reason is logged at INFO before the task ends and returned as
+    the task's result (``{"retrain": ..., "reason": ...}``); a run that skips also gets it as its note.
+    """
+
+    ui_color = "#fdf6e3"
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from retrain import decision
+
+        settings = Settings.from_env()
+        p = context["params"]
+        cfg = dataclasses.replace(settings.drift, alpha=float(p["drift_alpha"]), windows=int(p["drift_windows"]),
+                                  cooldown_h=float(p["drift_cooldown_h"]), max_age_days=float(p["max_champion_age_days"]))
+        result = decision.check(settings, bool(p["force_retrain"]), cfg=cfg)
+        verdict = {"retrain": result.retrain, "reason": result.reason, "champion_version": result.champion_version}
+        if not result.retrain:
+            self.log.info("no retrain, skipping the rest of the run: %s", result.reason)
+            context["ti"].xcom_push(key="return_value", value=verdict)
+            # skip() ends the task here (successfully, by raising), so the result is pushed first.
+            self.skip(ti=context["ti"], tasks=list(self.get_direct_relatives(upstream=False)))
+        self.log.info("retrain: %s", result.reason)
+        return verdict
+
+
+class PromoteOperator(BaseOperator):
+    """Register the challenger and move ``@champion`` only if it beats the champion on the same data."""
+
+    template_fields: Sequence[str] = ("train_result", "evaluation")
+    operator_extra_links = (links.ModelVersionLink(),)
+    ui_color = "#e8eefa"
+
+    def __init__(self, *, train_result: Any, evaluation: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.train_result, self.evaluation = train_result, evaluation
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from retrain import registry
+
+        settings = Settings.from_env()
+        min_improvement = float(context["params"]["min_improvement"])
+        result = registry.promote(settings.model_name, self.train_result, self.evaluation, min_improvement)
+        url = settings.model_version_url(result["model_name"], result["version"])
+        self.log.info("%s: %s version %s: %s (%s)", "PROMOTED" if result["promoted"] else "NOT PROMOTED",
+                      result["model_name"], result["version"], result["reason"], url)
+        return result
+
+
+class DeployOperator(BaseOperator):
+    """Pin serving to the champion version, wait until it serves it, smoke-test it; roll back on failure.
+
+    A rollback is a verdict, so it fails the task without retries. A retry after anything else (a
+    worker lost mid-wait) is safe: it makes no new revision and still knows what to restore.
+    """
+
+    template_fields: Sequence[str] = ("promotion",)
+    operator_extra_links = (links.ServingLink(), links.RolloutRecordLink())
+    ui_color = "#e8f4fa"
+
+    def __init__(self, *, promotion: Any, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.promotion = promotion
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from retrain import rollout
+
+        try:
+            return rollout.roll_out_champion(Settings.from_env(), self.promotion, context["run_id"])
+        except rollout.RolloutFailed as exc:
+            failure = AirflowFailException(str(exc))
+            failure.alerted = exc.alerted  # the rollback alert went out; the failure callback sends no second one
+            raise failure from exc
