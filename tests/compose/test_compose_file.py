@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from retrain import compose
+from localdev import compose
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yaml"

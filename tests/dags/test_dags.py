@@ -96,7 +96,7 @@ def test_a_rollback_fails_deploy_without_retries_and_without_a_second_alert(dag,
 
     monkeypatch.setattr(rollout, "roll_out_champion", rolled_back)
     with pytest.raises(AirflowFailException, match="Rolled back to model version 1") as info:
-        dag.get_task("deploy").python_callable({"model_name": "m", "champion": "2"}, run_id="r")
+        dag.get_task("deploy").execute({"run_id": "r"})
     assert info.value.alerted is True
 
 
@@ -107,6 +107,60 @@ def test_params_build_a_typed_trigger_form(dag):
         param: Param = dag.params.get_param(name)
         assert param.schema.get("title") and param.description, name
         assert param.schema.get("type"), name
+
+
+def test_the_form_with_its_defaults_is_valid_and_only_the_optional_param_may_be_empty(dag):
+    """The Trigger form sends every default (an empty text field as null): the server must accept all of them.
+
+    A field is required in the form unless its type admits null; only the pretrained weights may be empty.
+    """
+    defaults = {k: dag.params[k] for k in dag.params}
+    params = ParamsDict({k: dag.params.get_param(k) for k in dag.params})
+    params.validate()
+    assert defaults["pretrained_weights"] is None
+    optional = {k for k in dag.params if "null" in dag.params.get_param(k).schema["type"]}
+    assert optional == {"pretrained_weights"}
+
+
+def test_dag_params_and_stage_flags_come_from_one_declaration(dag):
+    """Each run Param is declared once (retrain_contract.params); the DAG's Params and the train stage's
+    flags agree on name, default, bounds and choices, and the architectures are the model package's."""
+    from embedder import model, train
+    from retrain_contract import params as specs
+
+    assert list(dag.params) == [p.name for p in specs.ALL]
+    flags = {a.dest: a for a in train.get_args_parser()._actions}
+    for spec in specs.ALL:
+        schema = dag.params.get_param(spec.name).schema
+        assert {k: v for k, v in schema.items() if k not in ("description",)} == spec.schema(), spec.name
+        assert dag.params[spec.name] == spec.default, spec.name
+        if spec.flag:
+            action = flags[spec.flag.removeprefix("--").replace("-", "_")]
+            assert action.default == spec.default, spec.name
+            if spec.choices:
+                assert action.type(spec.choices[0]) == spec.choices[0]
+            if spec.minimum is not None:
+                assert action.type(str(spec.kind(spec.minimum))) == spec.minimum
+                with pytest.raises(Exception, match=spec.name):
+                    action.type(str(spec.kind(spec.minimum) - 1))
+    assert tuple(model.ARCHITECTURES) == specs.ARCHITECTURES == tuple(schema_enum(dag, "architecture"))
+
+
+def schema_enum(dag, name: str) -> list[str]:
+    return dag.params.get_param(name).schema["enum"]
+
+
+def test_a_deployment_sets_the_defaults_of_runs_without_a_conf(monkeypatch):
+    """Nightly and drift-started runs carry no conf: RETRAIN_EPOCHS etc. set what they train with."""
+    from retrain.settings import Settings, SettingsError
+
+    settings = Settings.from_env({"RETRAIN_EPOCHS": "2", "RETRAIN_IMAGE_SIZE": "32", "RETRAIN_DRIFT_ALPHA": "0.05"})
+    assert (settings.param_defaults["epochs"], settings.param_defaults["image_size"]) == (2, 32)
+    assert settings.drift.alpha == 0.05  # the drift monitor's threshold is the same Param's default
+    with pytest.raises(SettingsError, match=r"RETRAIN_EPOCHS='0': epochs must be an integer from 1 to 500; got 0"):
+        Settings.from_env({"RETRAIN_EPOCHS": "0"})
+    with pytest.raises(SettingsError, match="RETRAIN_ARCHITECTURE='vgg16': architecture must be one of resnet18"):
+        Settings.from_env({"RETRAIN_ARCHITECTURE": "vgg16"})
 
 
 @pytest.mark.parametrize("name,value", [("epochs", 0), ("epochs", "ten"), ("learning_rate", 0), ("image_size", 8),

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from retrain import localstack
+from localdev.stack import LocalStack
 from retrain.registry import alias_version
 from retrain.settings import Settings
 from tests.support.kube_emulator import KubeEmulator, rbac_rules
@@ -49,7 +49,7 @@ def cluster(tmp_path_factory, mlflow_server, digits_root):
     emulator.add_secret("retrain", "retrain-s3", {"AWS_ACCESS_KEY_ID": "emulated", "AWS_SECRET_ACCESS_KEY": "emulated"})
     emulator.add_secret("retrain", "retrain-mlflow", {})
     settings = Settings.from_env(env)
-    airflow_env = localstack.airflow_env(settings, {**os.environ, **env})
+    airflow_env = LocalStack(settings, {**os.environ, **env}).airflow_env()
     airflow_env["AIRFLOW_CONN_KUBERNETES_DEFAULT"] = json.dumps({"conn_type": "kubernetes", "extra": {
         "kube_config_path": str(emulator.kubeconfig(home / "kubeconfig")), "in_cluster": False}})
     for cmd in (["db", "migrate"], ["pools", "set", "gpu", "1", "GPU pods"]):

@@ -49,10 +49,10 @@ def test_prepare_data_missing_root_exits_2_naming_the_path(tmp_path, mlflow_sqli
 def test_train_rejects_bad_values_before_doing_anything(prepared, tmp_path):
     _, err = run_stage("train", "--manifest-uri", prepared["manifest_uri"], "--experiment", "t", "--epochs", "0",
                        tmp_path=tmp_path, expect=2)
-    assert "--epochs must be at least 1, got 0" in err
+    assert "argument --epochs: epochs must be an integer from 1 to 500; got 0" in err
     _, err = run_stage("train", "--manifest-uri", prepared["manifest_uri"], "--experiment", "t",
                        "--architecture", "resnet5", tmp_path=tmp_path, expect=2)
-    assert "invalid choice: 'resnet5'" in err
+    assert "architecture must be one of resnet18, resnet34, resnet50, resnet101, resnet152; got 'resnet5'" in err
     _, err = run_stage("train", "--manifest-uri", str(tmp_path / "none.json"), "--experiment", "t",
                        tmp_path=tmp_path, expect=2)
     assert "none.json: no such file" in err

@@ -88,5 +88,49 @@ def test_on_kill_escalates_to_sigkill_after_the_grace_period(tmp_path):
     op.on_kill()
     thread.join(30)
     assert op._proc.returncode == -signal.SIGKILL
-    assert "exit code -9" in str(errors[0])
+    assert "was killed by SIGKILL" in str(errors[0])
 
+
+
+def test_each_stage_line_is_logged_at_the_level_it_carries(tmp_path, caplog):
+    """The stage's own format carries a level; Python's warnings (stderr) are warnings; a traceback is an error."""
+    import logging
+    import subprocess
+
+    from retrain.stages import StageLog
+
+    script = fake_stage(tmp_path, "\n".join([
+        'echo "2026-11-23 10:00:00,000 INFO embedder.train: epoch 1/2 step 5/10"',
+        'echo "2026/11/23 10:00:01 WARNING mlflow.tracking: slow server" >&2',
+        'echo "2026-11-23 10:00:02,000 INFO mlflow.store: Created version 1" >&2',
+        'echo "/x.py:3: UserWarning: careful" >&2',
+        'echo "Traceback (most recent call last):" >&2',
+        "echo '  File \"x.py\", line 1, in <module>' >&2",
+        'echo "ValueError: the data root is empty" >&2',
+        'echo "plain line"',
+    ]))
+    proc = subprocess.Popen([script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with caplog.at_level(logging.DEBUG, logger="stage-log-test"):
+        log = StageLog("train", logging.getLogger("stage-log-test")).follow(proc)
+    proc.wait()
+    logged = {(r.levelname, r.getMessage()) for r in caplog.records}
+    assert logged == {
+        ("INFO", "[train] embedder.train: epoch 1/2 step 5/10"),
+        ("WARNING", "[train] mlflow.tracking: slow server"),
+        ("INFO", "[train] mlflow.store: Created version 1"),
+        ("WARNING", "[train] /x.py:3: UserWarning: careful"),
+        ("ERROR", "[train] Traceback (most recent call last):"),
+        ("ERROR", '[train]   File "x.py", line 1, in <module>'),
+        ("ERROR", "[train] ValueError: the data root is empty"),
+        ("INFO", "[train] plain line"),
+    }
+    assert log.error() == "ValueError: the data root is empty"
+
+
+def test_a_stage_killed_by_a_signal_names_the_signal_and_shows_its_last_lines(tmp_path):
+    op = operator(tmp_path, 'echo "epoch 1/3 step 4/9"; echo "loading shard 7" >&2; kill -9 $$')
+    with pytest.raises(AirflowException) as info:
+        op.execute({})
+    message = str(info.value)
+    assert message.startswith("stage train was killed by SIGKILL; its last lines:")
+    assert "epoch 1/3 step 4/9" in message and "loading shard 7" in message
