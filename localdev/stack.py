@@ -254,7 +254,7 @@ class LocalStack:
         sessions = {rec[0] for rec in map(self._recorded, STOP_ORDER) if rec}
         found = []
         for proc in psutil.process_iter():
-            if proc.pid == os.getpid() or _status(proc) in (psutil.STATUS_ZOMBIE, None):
+            if proc.pid == os.getpid() or _gone(proc):
                 continue
             try:
                 in_session = os.getsid(proc.pid) in sessions
@@ -338,22 +338,29 @@ class LocalStack:
         return outcome
 
 
-def _status(proc: psutil.Process) -> str | None:
+def _gone(proc: psutil.Process) -> bool:
+    """Exited: no such process, or a zombie its parent has not reaped yet (a test's own child, say)."""
     try:
-        return proc.status()
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
     except psutil.Error:
-        return None
+        return False
 
 
 def _terminate(procs: list[psutil.Process], grace_s: float) -> None:
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=10)
+    """SIGTERM ``procs``; SIGKILL what is still running after ``grace_s``; return once all have exited."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        alive = [p for p in procs if not _gone(p)]
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+        deadline = time.monotonic() + wait_s
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [p for p in alive if not _gone(p)]
+        if not alive:
+            return
 
 
 def print_urls(stack: LocalStack) -> None:
