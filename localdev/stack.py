@@ -310,12 +310,17 @@ class LocalStack:
         for name in [c.name for c in self.components() if c.name in wanted]:
             self.start(name, timeout_s)
 
-    def kill(self, name: str, sig: int = signal.SIGKILL) -> list[int]:
-        """Send ``sig`` to the component and every process below it at once (a crash); returns their pids."""
+    def kill(self, name: str, sig: int = signal.SIGKILL, timeout_s: float = 30.0) -> list[int]:
+        """Send ``sig`` to the component and every process below it at once (a crash); returns their pids.
+
+        With SIGKILL it returns once all of them have exited, so a ``start`` right after starts a new one.
+        """
         procs = self.tree(name)
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            wait_until(lambda: all(_gone(p) for p in procs), timeout_s, f"{name} killed")
         return [p.pid for p in procs]
 
     def stop(self, name: str, grace_s: float = STOP_GRACE_S) -> bool:

@@ -97,6 +97,19 @@ def test_every_stage_runs_as_a_pod_and_xcom_flows(cluster):
     assert (env["MODEL_NAME"], env["MODEL_VERSION"]) == (MODEL, "1")
     assert f"model {MODEL} version 1 from Airflow run manual__" in serving["metadata"]["annotations"][
         "kubernetes.io/change-cause"]
+    # The worker resolved the train pod's extra link from the pod's result, as in local mode.
+    result, link = (latest_xcom(settings, "train", key) for key in ("return_value", "_link_MLflowRunLink"))
+    assert link == f"{settings.tracking_uri}/#/experiments/{result['mlflow_experiment_id']}/runs/{result['mlflow_run_id']}"
+
+
+def latest_xcom(settings, task_id: str, key: str):
+    """An XCom as the worker stored it in the metadata database (what the API server serves)."""
+    import sqlite3
+
+    with sqlite3.connect(settings.home / "airflow" / "airflow.db") as db:
+        (value,) = db.execute("select value from xcom where dag_id = 'retrain_embedder' and task_id = ? and key = ? "
+                              "order by timestamp desc limit 1", (task_id, key)).fetchone()
+    return json.loads(value)
 
 
 def test_a_failing_stage_keeps_its_pod_and_its_log(cluster, tmp_path):
