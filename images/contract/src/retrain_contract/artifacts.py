@@ -1,0 +1,50 @@
+"""Where things are kept: the artifact paths and storage layouts that a writer and a reader share.
+
+- On a model version's training run (MLflow artifacts): the drift reference, the ``/similar`` gallery.
+- In storage (``RETRAIN_STORAGE_URI``): dataset manifests and checkpoints.
+- In the sample location (``RETRAIN_SAMPLE_URI``): the serving API's sampled embeddings, one file per
+  time window, model version and serving process, which the drift monitor reads.
+"""
+
+from __future__ import annotations
+
+import re
+
+REFERENCE_ARTIFACT = "drift/reference.npy"  # test-split embeddings the drift monitor compares traffic with
+GALLERY_DIR = "gallery"  # the /similar gallery: training-split embeddings and their labels
+GALLERY_EMBEDDINGS = "embeddings.npy"
+GALLERY_INDEX = "index.json"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
+_WINDOW = re.compile(r"^window=(\d+)$")
+
+
+def manifest_path(dataset_version: str) -> tuple[str, ...]:
+    """A dataset's manifest, under the storage root: ``datasets/<version>/manifest.json``."""
+    return ("datasets", dataset_version, "manifest.json")
+
+
+def checkpoint_path(dag_id: str, run_id: str) -> tuple[str, ...]:
+    """A DAG run's checkpoints, under the checkpoint root: ``<dag id>/<run id>`` with every character outside
+    ``[A-Za-z0-9._=-]`` replaced by ``_`` (run ids hold ``:`` and ``+``), the same on every retry."""
+    return (_UNSAFE.sub("_", dag_id), _UNSAFE.sub("_", run_id))
+
+
+def sample_path(model_name: str, version: str, window_start: int, writer: str) -> tuple[str, ...]:
+    """One serving process's sample of one window: ``<model>/v<version>/window=<start s>/<writer>.npy``."""
+    return (model_name, f"v{version}", f"window={int(window_start)}", f"{writer}.npy")
+
+
+def sample_version_path(model_name: str, version: str) -> tuple[str, ...]:
+    """Where every window of one model version lies (what :func:`sample_windows` lists)."""
+    return (model_name, f"v{version}")
+
+
+def sample_windows(names: list[str]) -> dict[int, list[str]]:
+    """Window start -> the sample files in it, from names listed under :func:`sample_version_path`."""
+    windows: dict[int, list[str]] = {}
+    for name in names:
+        folder, _, file = name.partition("/")
+        match = _WINDOW.match(folder)
+        if match and file.endswith(".npy") and "/" not in file:
+            windows.setdefault(int(match.group(1)), []).append(name)
+    return windows
