@@ -16,6 +16,7 @@ runs.
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from airflow.sdk import DAG, CronTriggerTimetable, chain, task
@@ -25,6 +26,7 @@ from retrain.assets import drift_asset
 from retrain.settings import NEXT_TICK, Settings
 
 settings = Settings.from_env()
+log = logging.getLogger(__name__)
 
 with DAG(
     dag_id="monitor_drift",
@@ -42,7 +44,7 @@ with DAG(
     def score_windows() -> dict:
         """Score the closed windows; raises (and so retries, then alerts) when MLflow or storage fails."""
         report = monitor.monitor_once(settings)
-        print(f"drift state {report['state']}: {report['reason']}; windows scored now: {len(report['scored'])}")
+        log.info("drift state %s: %s; windows scored now: %d", report["state"], report["reason"], len(report["scored"]))
         return report
 
     @task.short_circuit(task_id="drift_confirmed")
@@ -52,8 +54,8 @@ with DAG(
     @task(task_id="emit_drift_event", outlets=[drift_asset(settings)])
     def emit_drift_event(report: dict) -> dict:
         """Its success updates the drift Asset, which triggers retrain_embedder."""
-        print(f"drift Asset {drift_asset(settings).name} updated: champion version {report['champion']}, "
-              f"{report['reason']}")
+        log.info("drift Asset %s updated: champion version %s, %s", drift_asset(settings).name, report["champion"],
+                 report["reason"])
         return {"champion": report["champion"], "reason": report["reason"]}
 
     report = score_windows()

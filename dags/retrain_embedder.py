@@ -27,9 +27,10 @@ from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable, Param, c
 from retrain import alerts
 from retrain.assets import drift_asset
 from retrain.operators import CheckDriftOperator, DeployOperator, PromoteOperator
+from retrain.runners import param_arguments, stage_operator
 from retrain.settings import NEXT_TICK, Settings
-from retrain.stages import param_arguments, stage_operator
 from retrain_contract import params
+from retrain_contract.results import PrepareResult, TrainResult
 
 settings = Settings.from_env()
 
@@ -58,15 +59,15 @@ with DAG(
         "--data-uri", settings.data_uri, "--storage-uri", settings.storage_uri,
         "--model-name", settings.model_name, *common], settings)
     train = stage_operator("train", [
-        "--manifest-uri", "{{ ti.xcom_pull(task_ids='prepare_data')['manifest_uri'] }}",
+        "--manifest-uri", PrepareResult.pull("manifest_uri"),
         *param_arguments(params.TRAINING),
         "--checkpoint-root", settings.checkpoint_root,
         "--checkpoint-every-steps", str(settings.checkpoint_every_steps),
         *common], settings)
     evaluate = stage_operator("evaluate", [
-        "--manifest-uri", "{{ ti.xcom_pull(task_ids='prepare_data')['manifest_uri'] }}",
-        "--challenger-uri", "{{ ti.xcom_pull(task_ids='train')['model_uri'] }}",
-        "--challenger-run-id", "{{ ti.xcom_pull(task_ids='train')['mlflow_run_id'] }}",
+        "--manifest-uri", PrepareResult.pull("manifest_uri"),
+        "--challenger-uri", TrainResult.pull("model_uri"),
+        "--challenger-run-id", TrainResult.pull("mlflow_run_id"),
         "--model-name", settings.model_name,
         *common], settings)
 

@@ -91,7 +91,7 @@ def s3(monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from embedder import storage
+    from retrain_contract import storage
     from tests.support.flaky_s3 import FlakyProxy
 
     port = free_port()

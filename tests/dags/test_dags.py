@@ -12,7 +12,8 @@ from airflow.dag_processing.dagbag import DagBag
 from airflow.sdk import Param
 from airflow.sdk.definitions.param import ParamsDict
 
-from retrain.stages import EXIT_BAD_INPUT, STAGES, LocalStageOperator
+from retrain.runners.common import STAGES
+from retrain.runners.local import LocalStageOperator
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 DAG_FILES = sorted(p for p in DAGS.glob("*.py") if not p.name.startswith("_"))
@@ -170,12 +171,6 @@ def test_bad_param_values_are_rejected(dag, name, value):
     params[name] = Param(value, **dag.params.get_param(name).schema)
     with pytest.raises(Exception, match=name if name != "force_retrain" else "boolean"):
         params.validate()
-
-
-def test_stages_exit_code_for_bad_input_matches_the_runner():
-    from embedder import contract
-
-    assert contract.EXIT_BAD_INPUT == EXIT_BAD_INPUT
 
 
 class FakeTI:

@@ -19,8 +19,8 @@ import yaml
 from mlflow import MlflowClient
 
 from localdev.stack import LocalStack
-from retrain.registry import alias_version
 from retrain.settings import Settings
+from retrain_contract.registry import alias_version
 from tests.support.kube_emulator import KubeEmulator, rbac_rules
 
 pytestmark = pytest.mark.e2e

@@ -24,7 +24,8 @@ import requests
 from mlflow import MlflowClient
 
 from retrain import rollout
-from retrain.registry import alias_version
+from retrain_contract.registry import alias_version
+from retrain_contract.results import PromoteResult
 from tests.e2e.conftest import REPO, SMALL_RUNS, airflow_page, started_stack
 
 pytestmark = pytest.mark.e2e
@@ -221,7 +222,8 @@ def embed_all(running, paths: list[Path]) -> np.ndarray:
 def test_confirmed_drift_makes_the_scheduler_start_a_retrain_that_promotes(running, tmp_path):
     """monitor_drift, run by the scheduler on embeddings the serving process returned for shifted images,
     updates the drift Asset; the scheduler itself then creates the retrain_embedder run (asset-triggered)."""
-    from embedder import demo_data, storage
+    from embedder import demo_data
+    from retrain_contract import storage
 
     api, settings = running.api, running.settings
     champion = requests.get(f"{settings.serving_url}/metadata", timeout=10).json()["model_version"]
@@ -302,8 +304,8 @@ def test_a_rollout_that_never_becomes_ready_rolls_back_and_alerts_once(running):
     client = MlflowClient(settings.tracking_uri)
     serving = alias_version(client, MODEL, "champion")
     alerts_before = len(alerts(running))
-    promotion = {"model_name": MODEL, "champion": "99", "promoted": True, "previous_champion": serving,
-                 "recall_at_1": 0.5, "version": "99"}
+    promotion = PromoteResult(model_name=MODEL, version="99", champion="99", promoted=True, previous_champion=serving,
+                              reason="a version that never serves", recall_at_1=0.5, dataset_version="d").to_json()
     with pytest.raises(rollout.RolloutFailed, match=f"did not serve model version 99 within 6s.*Rolled back to model "
                                                     f"version {serving}"):
         rollout.roll_out_champion(settings, promotion, "manual__bad", client=client)

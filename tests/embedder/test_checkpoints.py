@@ -20,8 +20,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from embedder import checkpoint, storage
+from embedder import checkpoint
 from embedder.checkpoint import CheckpointStore
+from retrain_contract import storage
 
 EXIT_PREEMPTED = 75
 # resnet18 at 32 px, 4 epochs of 35 batches of 8 (280 training images), on one thread.
@@ -96,7 +97,8 @@ def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path, caplog):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys, torch
-    from embedder import checkpoint, storage
+    from embedder import checkpoint
+    from retrain_contract import storage
     from embedder.checkpoint import CheckpointStore
 
     uri, moment = sys.argv[1], sys.argv[2]

@@ -7,8 +7,9 @@ import shutil
 import pytest
 from PIL import Image
 
-from embedder import data, demo_data, storage
-from embedder.contract import StageInputError
+from embedder import data, demo_data
+from embedder.stage import StageInputError
+from retrain_contract import storage
 
 
 def test_demo_data_is_an_imagefolder_of_rgb_pngs(digits_root):

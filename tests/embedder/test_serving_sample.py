@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from embedder import storage
 from embedder.serve import EmbeddingSampler
+from retrain_contract import storage
 
 
 def read(uri: str) -> np.ndarray:

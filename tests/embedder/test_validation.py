@@ -11,7 +11,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from embedder import data, storage
+from embedder import data
+from retrain_contract import storage
 from tests.embedder.test_stages import run_stage
 
 MAX_PIXELS = 1_000_000

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 
 from retrain import rollout
 from retrain.settings import Settings
+from retrain_contract.results import PromoteResult
 from tests.support.kube_emulator import KubeEmulator
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
@@ -92,8 +93,9 @@ def registry(mlflow_sqlite):
     for _ in range(2):
         mlflow_client.create_model_version(MODEL, source="file:///models/embedder")
     mlflow_client.set_registered_model_alias(MODEL, "champion", "2")
-    promotion = {"model_name": MODEL, "version": "2", "champion": "2", "promoted": True, "previous_champion": "1",
-                 "recall_at_1": 0.9123}
+    promotion = PromoteResult(model_name=MODEL, version="2", champion="2", promoted=True, previous_champion="1",
+                              reason="challenger recall_at_1 0.9123 beats champion 0.8000", recall_at_1=0.9123,
+                              champion_recall_at_1=0.8, dataset_version="d1").to_json()
     return mlflow_client, promotion
 
 

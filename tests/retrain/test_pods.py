@@ -11,8 +11,8 @@ from airflow.dag_processing.dagbag import DagBag
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import ApiClient
 
+from retrain.runners.common import STAGES
 from retrain.settings import PodSettings, Settings, SettingsError
-from retrain.stages import STAGES
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 K8S_VERSION = "1.37.0"

@@ -7,6 +7,8 @@ import pytest
 from mlflow import MlflowClient
 
 from retrain import registry
+from retrain_contract.registry import alias_version
+from retrain_contract.results import EvaluateResult, Scores, TrainResult
 
 
 class _Constant(mlflow.pyfunc.PythonModel):
@@ -20,17 +22,19 @@ def logged_model(tags: dict[str, str] | None = None) -> dict:
     with mlflow.start_run(tags={"dataset_version": "d1", "airflow.run_id": "manual__1", "code_version": "abc",
                                 **(tags or {})}) as run:
         info = mlflow.pyfunc.log_model(name="model", python_model=_Constant(), pip_requirements=[])
-    return {"mlflow_run_id": run.info.run_id, "model_uri": info.model_uri}
+    return TrainResult(mlflow_run_id=run.info.run_id, mlflow_experiment_id=run.info.experiment_id,
+                       model_uri=info.model_uri, dataset_version="d1", architecture="resnet18", image_size=32,
+                       embedding_dim=512).to_json()
 
 
 def evaluation(train: dict, recall: float, champion: tuple[str, float] | None) -> dict:
-    return {
-        "dataset_version": "d1",
-        "challenger": {"model_uri": train["model_uri"], "recall_at_1": recall, "recall_at_5": min(1, recall + 0.05),
-                       "top1_accuracy": recall - 0.01},
-        "champion": {"version": champion[0], "recall_at_1": champion[1]} if champion else None,
-        "mlflow_run_id": "e1",
-    }
+    def scores(model_uri: str, recall: float, version: str | None = None) -> Scores:
+        return Scores(model_uri=model_uri, run_id="r", recall_at_1=recall, recall_at_5=min(1, recall + 0.05),
+                      top1_accuracy=recall - 0.01, num_queries=60, version=version)
+
+    return EvaluateResult(dataset_version="d1", manifest_uri="file:///m.json", challenger=scores(train["model_uri"], recall),
+                          champion=scores(f"models:/m/{champion[0]}", champion[1], champion[0]) if champion else None,
+                          mlflow_run_id="e1", mlflow_experiment_id="0").to_json()
 
 
 @pytest.mark.parametrize("challenger,champion,min_improvement,promote", [
@@ -55,8 +59,8 @@ def test_first_model_becomes_champion_with_lineage_and_scores(mlflow_sqlite):
     train = logged_model()
     result = registry.promote("m", train, evaluation(train, 0.8, None), 0.0)
     assert (result["version"], result["promoted"], result["previous_champion"]) == ("1", True, None)
-    assert registry.alias_version(client, "m", "champion") == "1"
-    assert registry.alias_version(client, "m", "challenger") == "1"
+    assert alias_version(client, "m", "champion") == "1"
+    assert alias_version(client, "m", "challenger") == "1"
     tags = client.get_model_version("m", "1").tags
     assert tags["dataset_version"] == "d1" and tags["airflow.run_id"] == "manual__1" and tags["code_version"] == "abc"
     assert tags["promotion.decision"] == "promoted" and tags["eval.recall_at_1"] == "0.800000"
@@ -70,8 +74,8 @@ def test_weaker_challenger_is_registered_but_champion_stays(mlflow_sqlite):
     second = logged_model()
     result = registry.promote("m", second, evaluation(second, 0.79, ("1", 0.8)), 0.0)
     assert (result["version"], result["promoted"], result["champion"]) == ("2", False, "1")
-    assert registry.alias_version(client, "m", "champion") == "1"
-    assert registry.alias_version(client, "m", "challenger") == "2"
+    assert alias_version(client, "m", "champion") == "1"
+    assert alias_version(client, "m", "challenger") == "2"
     tags = client.get_model_version("m", "2").tags
     assert tags["promotion.decision"] == "rejected" and tags["champion.recall_at_1"] == "0.800000"
     assert "champion kept" in tags["promotion.reason"]
@@ -80,8 +84,7 @@ def test_weaker_challenger_is_registered_but_champion_stays(mlflow_sqlite):
 def test_retried_promote_reuses_the_version(mlflow_sqlite):
     train = logged_model()
     registry.promote("m", train, evaluation(train, 0.8, None), 0.0)
-    again = registry.promote("m", train, evaluation(train, 0.8, None) | {"champion": {"version": "1", "recall_at_1": 0.8}},
-                             0.0)
+    again = registry.promote("m", train, evaluation(train, 0.8, ("1", 0.8)), 0.0)
     assert again["version"] == "1"
     assert len(MlflowClient().search_model_versions("name = 'm'")) == 1
 

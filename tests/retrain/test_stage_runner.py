@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowRescheduleException
 
-from retrain.stages import LocalStageOperator, StageSpec
+from retrain.runners.common import StageSpec
+from retrain.runners.local import LocalStageOperator
 
 
 def fake_stage(tmp_path, body: str) -> str:
@@ -97,7 +98,7 @@ def test_each_stage_line_is_logged_at_the_level_it_carries(tmp_path, caplog):
     import logging
     import subprocess
 
-    from retrain.stages import StageLog
+    from retrain.runners.local import StageLog
 
     script = fake_stage(tmp_path, "\n".join([
         'echo "2026-11-23 10:00:00,000 INFO embedder.train: epoch 1/2 step 5/10"',

@@ -14,7 +14,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def write_window(settings, start: int, rows: np.ndarray, replica: str = "a") -> None:
-    from embedder import storage
+    from retrain_contract import storage
 
     buffer = io.BytesIO()
     np.save(buffer, rows.astype(np.float32))

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from mlflow import MlflowClient
 
-from retrain import drift, monitor
-from retrain.registry import CHAMPION, alias_version
+from retrain import drift, drift_history
 from retrain.settings import DriftSettings, Settings
+from retrain_contract import artifacts
+from retrain_contract.registry import CHAMPION, alias_version
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,15 @@ def gather(settings: Settings, cfg: DriftSettings, client: MlflowClient, now: fl
         return Signals(None)
     created = client.get_model_version(name, champion).creation_timestamp / 1000
     age_days = (now - created) / 86400
-    run = monitor.monitoring_run(client, settings, name, champion, create=False)
-    windows = monitor.history(client, run.info.run_id) if run else []
+    run = drift_history.monitoring_run(client, settings, name, champion, create=False)
+    windows = drift_history.history(client, run.info.run_id) if run else []
     if not any(p is not None for _, p in windows):
         watched_for = now - created
-        needed = cfg.windows * cfg.window_s + monitor.GRACE_S
+        needed = artifacts.window_complete_at(0, cfg.windows * cfg.window_s)
         if watched_for < needed:
             return Signals(champion, age_days, None, f"no drift window scored yet for version {champion} "
                                                      f"(promoted {watched_for / 3600:.1f} h ago)")
-    state, why = monitor.drift_state(windows, cfg.alpha, cfg.windows)  # raises on an empty history or NaN
+    state, why = drift_history.drift_state(windows, cfg.alpha, cfg.windows)  # raises on an empty history or NaN
     experiment = client.get_experiment_by_name(settings.experiment)
     since = None
     if experiment is not None:

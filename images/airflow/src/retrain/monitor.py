@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,15 +27,13 @@ from mlflow.entities import Metric
 
 from retrain import drift
 from retrain.alerts import Alert, send_alert
-from retrain.registry import CHAMPION, alias_version
+from retrain.drift_history import DriftSignalError, drift_state, history, monitoring_run
 from retrain.settings import Settings
+from retrain_contract import artifacts, storage
+from retrain_contract.registry import CHAMPION, alias_version
+from retrain_contract.results import MonitorReport
 
 log = logging.getLogger(__name__)
-GRACE_S = 10.0  # a window is read this long after it closes (at most a quarter window), so every replica wrote it
-
-
-class DriftSignalError(RuntimeError):
-    """The drift history cannot be read or makes no sense (NaN); never a reason to retrain."""
 
 
 @dataclass(frozen=True)
@@ -45,35 +42,19 @@ class Window:
     result: drift.WindowResult
 
 
-def monitoring_experiment(settings: Settings) -> str:
-    return f"{settings.experiment}-monitoring"
-
-
-def _storage():
-    from embedder import storage  # torch-free; installed without dependencies in the Airflow image
-
-    return storage
-
-
 def sample_windows(settings: Settings, model_name: str, version: str) -> dict[int, list[str]]:
     """Window start → the sample files of every replica, under the drift sample location."""
-    storage = _storage()
-    root = storage.join(settings.drift.sample_uri, model_name, f"v{version}")
+    root = storage.join(settings.drift.sample_uri, *artifacts.sample_version_path(model_name, version))
     try:
         names = storage.list_files(root)
     except storage.StorageError:
         return {}
-    windows: dict[int, list[str]] = {}
-    for name in names:
-        folder, _, file = name.partition("/")
-        if folder.startswith("window=") and file.endswith(".npy"):
-            windows.setdefault(int(folder.removeprefix("window=")), []).append(storage.join(root, name))
-    return windows
+    return {start: [storage.join(root, name) for name in files]
+            for start, files in artifacts.sample_windows(names).items()}
 
 
 def load_window(files: list[str]) -> np.ndarray:
     """Every replica's sample of one window, as one array (``files`` is never empty: it lists what exists)."""
-    storage = _storage()
     return np.concatenate([np.load(io.BytesIO(storage.read_bytes(f)), allow_pickle=False) for f in files])
 
 
@@ -82,56 +63,9 @@ def load_reference(client: MlflowClient, model_name: str, version: str) -> np.nd
 
     run_id = client.get_model_version(model_name, version).run_id
     with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
-        path = download_artifacts(artifact_uri=f"runs:/{run_id}/drift/reference.npy", dst_path=tmp,
+        path = download_artifacts(artifact_uri=f"runs:/{run_id}/{artifacts.REFERENCE_ARTIFACT}", dst_path=tmp,
                                   tracking_uri=client.tracking_uri)
         return np.load(Path(path), allow_pickle=False)
-
-
-def monitoring_run(client: MlflowClient, settings: Settings, model_name: str, version: str, create: bool = True):
-    """The MLflow run that holds ``version``'s drift series (created on first use)."""
-    name = monitoring_experiment(settings)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        if not create:
-            return None
-        experiment_id = client.create_experiment(name)
-    else:
-        experiment_id = experiment.experiment_id
-    found = client.search_runs([experiment_id], f"tags.`drift.model_name` = '{model_name}' and "
-                                                f"tags.`drift.model_version` = '{version}'", max_results=1)
-    if found:
-        return found[0]
-    if not create:
-        return None
-    return client.create_run(experiment_id, run_name=f"drift {model_name} v{version}",
-                             tags={"drift.model_name": model_name, "drift.model_version": str(version),
-                                   "drift.state": drift.OK})
-
-
-def history(client: MlflowClient, run_id: str) -> list[tuple[int, float | None]]:
-    """``(window start, p-value or None when insufficient)``, oldest first."""
-    insufficient = {m.step for m in client.get_metric_history(run_id, "insufficient") if m.value == 1}
-    p_values = {m.step: m.value for m in client.get_metric_history(run_id, "p_value")}
-    steps = sorted(insufficient | p_values.keys())
-    return [(s, None if s in insufficient else p_values[s]) for s in steps]
-
-
-def drift_state(windows: list[tuple[int, float | None]], alpha: float, k: int) -> tuple[str, str]:
-    """(state, why): ``drift`` when the last ``k`` sufficient windows all have ``p < alpha``.
-
-    Insufficient windows are skipped (they neither confirm nor clear drift). A NaN p-value among the
-    windows considered raises DriftSignalError: the history is broken, which must not retrain.
-    """
-    scored = [(start, p) for start, p in windows if p is not None]
-    if not scored:
-        raise DriftSignalError("no scored drift window yet (empty history or only insufficient windows)")
-    recent = scored[-k:]
-    if any(math.isnan(p) for _, p in recent):
-        raise DriftSignalError(f"NaN p-value in the last {k} drift windows: {recent}")
-    drifted = sum(p < alpha for _, p in recent)
-    if len(recent) == k and drifted == k:
-        return drift.DRIFT, f"p < {alpha} in each of the last {k} windows (latest p = {recent[-1][1]:.4g})"
-    return drift.OK, f"{drifted} of the last {len(recent)} scored windows drifted (need {k} in a row)"
 
 
 def monitor_once(settings: Settings, client: MlflowClient | None = None, now: float | None = None) -> dict:
@@ -142,14 +76,12 @@ def monitor_once(settings: Settings, client: MlflowClient | None = None, now: fl
     name = settings.model_name
     version = alias_version(client, name, CHAMPION)
     if version is None:
-        return {"champion": None, "state": drift.OK, "confirmed": False, "reason": "no champion to monitor",
-                "scored": []}
+        return MonitorReport(champion=None, state=drift.OK, confirmed=False, reason="no champion to monitor").to_json()
     run = monitoring_run(client, settings, name, version)
     run_id = run.info.run_id
     done = {start for start, _ in history(client, run_id)}
     windows = sample_windows(settings, name, version)
-    grace = min(GRACE_S, cfg.window_s / 4)
-    due = sorted(s for s in windows if s + cfg.window_s + grace <= now and s not in done)
+    due = sorted(s for s in windows if artifacts.window_complete_at(s, cfg.window_s) <= now and s not in done)
     scored = []
     reference = load_reference(client, name, version) if due else None
     for start in due:
@@ -170,11 +102,11 @@ def monitor_once(settings: Settings, client: MlflowClient | None = None, now: fl
     try:
         state, why = drift_state(history(client, run_id), cfg.alpha, cfg.windows)
     except DriftSignalError as exc:
-        return {"champion": version, "state": None, "confirmed": False, "reason": str(exc),
-                "scored": [w.start for w in scored]}
+        return MonitorReport(champion=version, state=None, confirmed=False, reason=str(exc),
+                             scored=[w.start for w in scored], monitoring_run_id=run_id).to_json()
     _alert_on_change(client, settings, run, state, why, scored, now)
-    return {"champion": version, "state": state, "confirmed": state == drift.DRIFT, "reason": why,
-            "scored": [w.start for w in scored], "monitoring_run_id": run_id}
+    return MonitorReport(champion=version, state=state, confirmed=state == drift.DRIFT, reason=why,
+                         scored=[w.start for w in scored], monitoring_run_id=run_id).to_json()
 
 
 def _alert_on_change(client: MlflowClient, settings: Settings, run, state: str, why: str, scored: list[Window],

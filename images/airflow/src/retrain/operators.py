@@ -13,10 +13,10 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.bases.skipmixin import SkipMixin
-from airflow.sdk.exceptions import AirflowFailException
 
 from retrain import links
 from retrain.settings import Settings
+from retrain_contract.results import CheckDriftResult
 
 
 class CheckDriftOperator(BaseOperator, SkipMixin):
@@ -37,7 +37,8 @@ class CheckDriftOperator(BaseOperator, SkipMixin):
         cfg = dataclasses.replace(settings.drift, alpha=float(p["drift_alpha"]), windows=int(p["drift_windows"]),
                                   cooldown_h=float(p["drift_cooldown_h"]), max_age_days=float(p["max_champion_age_days"]))
         result = decision.check(settings, bool(p["force_retrain"]), cfg=cfg)
-        verdict = {"retrain": result.retrain, "reason": result.reason, "champion_version": result.champion_version}
+        verdict = CheckDriftResult(retrain=result.retrain, reason=result.reason,
+                                   champion_version=result.champion_version).to_json()
         if not result.retrain:
             self.log.info("no retrain, skipping the rest of the run: %s", result.reason)
             context["ti"].xcom_push(key="return_value", value=verdict)
@@ -88,9 +89,5 @@ class DeployOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from retrain import rollout
 
-        try:
-            return rollout.roll_out_champion(Settings.from_env(), self.promotion, context["run_id"])
-        except rollout.RolloutFailed as exc:
-            failure = AirflowFailException(str(exc))
-            failure.alerted = exc.alerted  # the rollback alert went out; the failure callback sends no second one
-            raise failure from exc
+        # A failed rollout raises RolloutFailed: no retries, and (alerted) no second alert.
+        return rollout.roll_out_champion(Settings.from_env(), self.promotion, context["run_id"])

@@ -10,19 +10,17 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-from dataclasses import asdict, dataclass
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
+
+from retrain_contract.registry import CHALLENGER, CHAMPION, HEADLINE_METRIC, LINEAGE_TAGS, alias_version
+from retrain_contract.results import EvaluateResult, PromoteResult, TrainResult
 
 log = logging.getLogger(__name__)
-
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-HEADLINE_METRIC = "recall_at_1"
-# Run tags copied onto every model version, so a version says where it came from.
-LINEAGE_TAGS = ("airflow.dag_id", "airflow.run_id", "dataset_version", "code_version", "image")
 
 
 @dataclass(frozen=True)
@@ -48,15 +46,6 @@ def decide_promotion(challenger_score: float, champion_score: float | None, min_
     return PromotionDecision(
         False, f"challenger {HEADLINE_METRIC} {challenger_score:.4f} vs champion {champion_score:.4f}: "
                f"{delta:+.4f} is not an improvement of at least {min_improvement}; champion kept")
-
-
-def alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
-    try:
-        return str(client.get_model_version_by_alias(model_name, alias).version)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
 
 
 def register_challenger(client: MlflowClient, model_name: str, model_uri: str, run_id: str,
@@ -86,45 +75,55 @@ def promote(model_name: str, train_result: dict[str, Any], evaluation: dict[str,
             client: MlflowClient | None = None) -> dict[str, Any]:
     """Register the evaluated challenger, set ``challenger``, and move ``champion`` if it earned it."""
     client = client or MlflowClient()
-    challenger = evaluation["challenger"]
-    champion = evaluation.get("champion")
+    train, scored = TrainResult.from_json(train_result), EvaluateResult.from_json(evaluation)
+    challenger, champion = scored.challenger, scored.champion
     current = alias_version(client, model_name, CHAMPION)
-    evaluated_against = str(champion["version"]) if champion else None
+    evaluated_against = champion.version if champion else None
     if current != evaluated_against:
         raise RuntimeError(
             f"@{CHAMPION} of {model_name} is version {current}, but the challenger was evaluated against "
             f"{evaluated_against}; another run moved it. Re-run evaluate so both are scored on the same data."
         )
-    decision = decide_promotion(challenger[HEADLINE_METRIC], champion[HEADLINE_METRIC] if champion else None,
-                                min_improvement)
+    champion_score = getattr(champion, HEADLINE_METRIC) if champion else None
+    decision = decide_promotion(getattr(challenger, HEADLINE_METRIC), champion_score, min_improvement)
     tags = {
-        "eval.dataset_version": evaluation["dataset_version"],
-        "eval.recall_at_1": f"{challenger['recall_at_1']:.6f}",
-        "eval.recall_at_5": f"{challenger['recall_at_5']:.6f}",
-        "eval.top1_accuracy": f"{challenger['top1_accuracy']:.6f}",
-        "eval.run_id": evaluation.get("mlflow_run_id", ""),
-        "champion.version": champion["version"] if champion else "none",
-        "champion.recall_at_1": f"{champion['recall_at_1']:.6f}" if champion else "none",
+        "eval.dataset_version": scored.dataset_version,
+        "eval.recall_at_1": f"{challenger.recall_at_1:.6f}",
+        "eval.recall_at_5": f"{challenger.recall_at_5:.6f}",
+        "eval.top1_accuracy": f"{challenger.top1_accuracy:.6f}",
+        "eval.run_id": scored.mlflow_run_id,
+        "champion.version": champion.version if champion else "none",
+        f"champion.{HEADLINE_METRIC}": f"{champion_score:.6f}" if champion else "none",
         "promotion.min_improvement": str(min_improvement),
         "promotion.decision": "promoted" if decision.promote else "rejected",
         "promotion.reason": decision.reason,
     }
-    version = register_challenger(client, model_name, challenger["model_uri"], train_result["mlflow_run_id"], tags)
+    version = register_challenger(client, model_name, challenger.model_uri, train.mlflow_run_id, tags)
     for key, value in tags.items():  # also on a re-used version, so the latest decision is what it shows
         client.set_model_version_tag(model_name, version, key, value)
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     if decision.promote:
         client.set_registered_model_alias(model_name, CHAMPION, version)
     log.info("%s version %s: %s", model_name, version, decision.reason)
-    return {
-        "model_name": model_name,
-        "version": version,
-        "promoted": decision.promote,
-        "reason": decision.reason,
-        "previous_champion": current,
-        "champion": version if decision.promote else current,
-        "recall_at_1": challenger["recall_at_1"],
-        "champion_recall_at_1": champion["recall_at_1"] if champion else None,
-        "dataset_version": evaluation["dataset_version"],
-        "decision": asdict(decision),
-    }
+    return PromoteResult(model_name=model_name, version=version, promoted=decision.promote, reason=decision.reason,
+                         previous_champion=current, champion=version if decision.promote else current,
+                         recall_at_1=getattr(challenger, HEADLINE_METRIC), champion_recall_at_1=champion_score,
+                         dataset_version=scored.dataset_version).to_json()
+
+
+def embedding_dim(client: MlflowClient, name: str, version: str) -> int | None:
+    """The embedding width recorded in the model version's MLmodel metadata, read through ``client``'s server."""
+    import yaml
+    from mlflow.artifacts import download_artifacts
+
+    try:
+        # The version's artifact location from the registry, then its MLmodel through the tracking server.
+        # (A models:/ URI would be resolved with MLflow's default registry, not this client's.)
+        location = client.get_model_version_download_uri(name, version)
+        with tempfile.TemporaryDirectory(prefix="mlmodel-") as tmp:
+            path = download_artifacts(artifact_uri=f"{location.rstrip('/')}/MLmodel", dst_path=tmp,
+                                      tracking_uri=client.tracking_uri)
+            return int(yaml.safe_load(Path(path).read_text())["metadata"]["embedding_dim"])
+    except Exception as exc:  # the smoke test then checks the norm and latency only
+        log.warning("could not read the embedding dimension of %s version %s (%s)", name, version, exc)
+        return None

@@ -39,6 +39,15 @@ def sample_version_path(model_name: str, version: str) -> tuple[str, ...]:
     return (model_name, f"v{version}")
 
 
+def window_complete_at(window_start: float, window_s: float) -> float:
+    """When every serving process has written its sample of a window: a grace after the window closes.
+
+    The grace is 10 s, or a quarter window for shorter windows; the serving processes write a closed
+    window within it, and the drift monitor reads a window only after it.
+    """
+    return window_start + window_s + min(10.0, window_s / 4)
+
+
 def sample_windows(names: list[str]) -> dict[int, list[str]]:
     """Window start -> the sample files in it, from names listed under :func:`sample_version_path`."""
     windows: dict[int, list[str]] = {}

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from embedder import storage
+from retrain_contract import storage
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from embedder import storage
-from embedder.contract import StageInputError
 from embedder.images import DEFAULT_MAX_PIXELS, ImageRejected, decode, decode_rgb
+from embedder.stage import StageInputError
+from retrain_contract import storage
 
 log = logging.getLogger(__name__)
 

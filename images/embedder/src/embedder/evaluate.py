@@ -16,21 +16,20 @@ import argparse
 import logging
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from torch.utils.data import DataLoader
 
-from embedder import contract, data, gallery, images, model, tracking
+from embedder import data, gallery, images, model, stage, tracking
+from retrain_contract import artifacts
+from retrain_contract.registry import CHAMPION, alias_model_version
+from retrain_contract.results import EvaluateResult, Scores
 
 log = logging.getLogger(__name__)
-CHAMPION_ALIAS = "champion"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -47,19 +46,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="training images embedded into the /similar gallery logged with the model "
                              "(a seeded sample when the split is larger; 0: no gallery)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: the CPU budget)")
-    return contract.add_common_arguments(parser)
+    return stage.add_common_arguments(parser)
 
 
-@dataclass
-class Scores:
-    recall_at_1: float
-    recall_at_5: float
-    top1_accuracy: float
-    num_queries: int
-
-    def metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}recall_at_1": self.recall_at_1, f"{prefix}recall_at_5": self.recall_at_5,
-                f"{prefix}top1_accuracy": self.top1_accuracy}
+def metrics(scores: Scores, prefix: str) -> dict[str, float]:
+    return {f"{prefix}recall_at_1": scores.recall_at_1, f"{prefix}recall_at_5": scores.recall_at_5,
+            f"{prefix}top1_accuracy": scores.top1_accuracy}
 
 
 def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5),
@@ -82,8 +74,8 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: tuple[int, .
     return {k: hits[k] / queries if queries else float("nan") for k in ks}, queries
 
 
-def score(loaded: model.LoadedModel, manifest: data.Manifest, batch_size: int,
-          keep: list[torch.Tensor] | None = None) -> Scores:
+def score(loaded: model.LoadedModel, manifest: data.Manifest, batch_size: int, model_uri: str, run_id: str,
+          version: str | None = None, keep: list[torch.Tensor] | None = None) -> Scores:
     """The retrieval and accuracy scores of ``loaded`` on the test split; its embeddings go into ``keep``."""
     classes = manifest.classes
     dataset = data.ManifestDataset(manifest, "test", {c: i for i, c in enumerate(classes)},
@@ -99,24 +91,26 @@ def score(loaded: model.LoadedModel, manifest: data.Manifest, batch_size: int,
     # The model's own class order, mapped onto the manifest's; unknown classes are never predicted right.
     to_manifest = torch.tensor([classes.index(c) if c in classes else -2 for c in loaded.classes])
     predicted = to_manifest[loaded.logits(emb).argmax(1)]
-    return Scores(recalls[1], recalls[5], (predicted == lab).float().mean().item(), queries)
+    return Scores(model_uri=model_uri, run_id=run_id, recall_at_1=recalls[1], recall_at_5=recalls[5],
+                  top1_accuracy=(predicted == lab).float().mean().item(), num_queries=queries, version=version)
 
 
 def log_reference(client: MlflowClient, run_id: str, embeddings: torch.Tensor, size: int, seed: int = 0) -> str:
     """Store a sample of the model's embeddings of held-out data with its run: the drift monitor's reference.
 
-    Saved as ``drift/reference.npy`` (float32, one row per image) on the training run, so every
-    registered model version carries the reference its production traffic is compared with.
+    Saved as :data:`~retrain_contract.artifacts.REFERENCE_ARTIFACT` (float32, one row per image) on the
+    training run, so every registered model version carries the reference its traffic is compared with.
     """
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(embeddings), generator=generator)[:size].sort().values
     sample = embeddings[idx].numpy().astype(np.float32)
+    folder, name = artifacts.REFERENCE_ARTIFACT.rsplit("/", 1)
     with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
-        path = Path(tmp) / "reference.npy"
+        path = Path(tmp) / name
         np.save(path, sample)
-        client.log_artifact(run_id, str(path), "drift")
+        client.log_artifact(run_id, str(path), folder)
     log.info("drift reference: %d embeddings of the test split logged to run %s", len(sample), run_id)
-    return f"runs:/{run_id}/drift/reference.npy"
+    return f"runs:/{run_id}/{artifacts.REFERENCE_ARTIFACT}"
 
 
 def build_gallery(loaded: model.LoadedModel, manifest: data.Manifest, batch_size: int, size: int,
@@ -132,17 +126,7 @@ def build_gallery(loaded: model.LoadedModel, manifest: data.Manifest, batch_size
                            manifest.dataset_version)
 
 
-def champion_version(client: MlflowClient, model_name: str):
-    """The registered version behind ``@champion``, or None when there is no champion yet."""
-    try:
-        return client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            return None
-        raise
-
-
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: argparse.Namespace) -> EvaluateResult:
     torch.set_num_threads(args.threads or model.cpu_budget())
     manifest = data.read_manifest(args.manifest_uri)
     version = manifest.dataset_version
@@ -151,47 +135,36 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     kept: list[torch.Tensor] = []
     loaded = model.load(args.challenger_uri)
-    challenger = score(loaded, manifest, args.batch_size, keep=kept)
+    challenger = score(loaded, manifest, args.batch_size, args.challenger_uri, args.challenger_run_id, keep=kept)
     log_reference(client, args.challenger_run_id, kept[0], args.reference_size)
     if args.gallery_size > 0:
         built = build_gallery(loaded, manifest, args.batch_size, args.gallery_size)
         gallery.log(client, args.challenger_run_id, built)
         log.info("gallery: %d training images (%d-d) logged to run %s", len(built), built.dim, args.challenger_run_id)
     log.info("challenger %s on dataset %s: %s", args.challenger_uri, version, challenger)
-    result: dict[str, Any] = {
-        "dataset_version": version,
-        "manifest_uri": args.manifest_uri,
-        "challenger": {"model_uri": args.challenger_uri, "run_id": args.challenger_run_id, **asdict(challenger)},
-        "champion": None,
-    }
-    champ = champion_version(client, args.model_name)
-    if champ is not None:
-        champ_uri = f"models:/{args.model_name}/{champ.version}"
-        champion = score(model.load(champ_uri), manifest, args.batch_size)
-        log.info("champion %s on dataset %s: %s", champ_uri, version, champion)
-        result["champion"] = {"version": str(champ.version), "model_uri": champ_uri, "run_id": champ.run_id,
-                              **asdict(champion)}
+    champion = None
+    found = alias_model_version(client, args.model_name, CHAMPION)
+    if found is not None:
+        champion_uri = f"models:/{args.model_name}/{found.version}"
+        champion = score(model.load(champion_uri), manifest, args.batch_size, champion_uri, found.run_id,
+                         version=str(found.version))
+        log.info("champion %s on dataset %s: %s", champion_uri, version, champion)
     else:
-        log.info("no @%s for %s yet: the challenger is the only candidate", CHAMPION_ALIAS, args.model_name)
+        log.info("no @%s for %s yet: the challenger is the only candidate", CHAMPION, args.model_name)
 
     client.log_batch(args.challenger_run_id, metrics=[
         mlflow.entities.Metric(k, v, mlflow.utils.time.get_current_time_millis(), 0)
-        for k, v in challenger.metrics("test_").items()
+        for k, v in metrics(challenger, "test_").items()
     ])
     tracking.use_experiment(args.experiment)
-    tags = {**contract.airflow_tags(args), "stage": "evaluate", "dataset_version": version,
-            "challenger_run_id": args.challenger_run_id,
-            "champion_version": result["champion"]["version"] if result["champion"] else "none"}
+    tags = {**stage.airflow_tags(args), "stage": "evaluate", "dataset_version": version,
+            "challenger_run_id": args.challenger_run_id, "champion_version": champion.version if champion else "none"}
     with mlflow.start_run(run_name=f"evaluate {args.airflow_run_id or version}", tags=tags) as run:
         mlflow.log_input(dataset, context="evaluation")
-        metrics = challenger.metrics("challenger_")
-        if result["champion"]:
-            metrics.update(champion.metrics("champion_"))
-        mlflow.log_metrics(metrics)
-    result["mlflow_run_id"] = run.info.run_id  # the evaluation run: both models' scores side by side
-    result["mlflow_experiment_id"] = run.info.experiment_id
-    return result
+        mlflow.log_metrics(metrics(challenger, "challenger_") | (metrics(champion, "champion_") if champion else {}))
+    return EvaluateResult(dataset_version=version, manifest_uri=args.manifest_uri, challenger=challenger,
+                          champion=champion, mlflow_run_id=run.info.run_id, mlflow_experiment_id=run.info.experiment_id)
 
 
 if __name__ == "__main__":
-    sys.exit(contract.run_stage(get_args_parser(), main))
+    sys.exit(stage.run_stage(get_args_parser(), main))

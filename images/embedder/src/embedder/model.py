@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
-from embedder import storage
-from retrain_contract import params
+from retrain_contract import params, storage
 
 # The run Param ``architecture`` offers exactly these (retrain_contract.params.ARCHITECTURES).
 ARCHITECTURES: dict[str, Callable[..., models.ResNet]] = {name: getattr(models, name) for name in params.ARCHITECTURES}

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
 
 import mlflow
 
-from embedder import contract, data, images, storage, tracking
+from embedder import data, images, stage, tracking
+from retrain_contract import artifacts, storage
+from retrain_contract.registry import CHAMPION, alias_model_version
+from retrain_contract.results import PrepareResult
 
 log = logging.getLogger(__name__)
 
@@ -35,22 +37,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
                         help="larger images are quarantined (decompression bomb guard)")
     parser.add_argument("--workers", type=int, default=16, help="parallel reads while scanning")
-    return contract.add_common_arguments(parser)
+    return stage.add_common_arguments(parser)
 
 
 def champion_classes(model_name: str, storage_uri: str) -> tuple[str | None, list[str] | None]:
     """(dataset version, classes) of the data the current champion was trained on, if known."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     if not model_name:
         return None, None
-    try:
-        version = MlflowClient().get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
+    version = alias_model_version(MlflowClient(), model_name, CHAMPION)  # an outage raises, as it must
+    if version is None:
         return None, None
     dataset = version.tags.get("dataset_version")
-    uri = storage.join(storage_uri, "datasets", dataset or "-", "manifest.json")
+    uri = storage.join(storage_uri, *artifacts.manifest_path(dataset or "-"))
     if not dataset or not storage.exists(uri):
         log.warning("champion %s v%s: its manifest %s is not available; class changes not reported",
                     model_name, version.version, uri)
@@ -58,12 +58,12 @@ def champion_classes(model_name: str, storage_uri: str) -> tuple[str | None, lis
     return dataset, data.read_manifest(uri).classes
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: argparse.Namespace) -> PrepareResult:
     if not 0 <= args.max_quarantine_share <= 1:
-        raise contract.StageInputError(f"--max-quarantine-share must be between 0 and 1, got {args.max_quarantine_share}")
+        raise stage.StageInputError(f"--max-quarantine-share must be between 0 and 1, got {args.max_quarantine_share}")
     manifest = data.scan(args.data_uri, workers=args.workers, max_pixels=args.max_pixels)
     version = manifest.dataset_version
-    manifest_uri = storage.join(args.storage_uri, "datasets", version, "manifest.json")
+    manifest_uri = storage.join(args.storage_uri, *artifacts.manifest_path(version))
     counts = manifest.counts()
     previous_dataset, previous_classes = champion_classes(args.model_name, args.storage_uri)
     changes = data.compare_classes(previous_classes, manifest.classes) if previous_classes is not None else None
@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
               "champion_dataset_version": previous_dataset, "class_changes": changes}
 
     tracking.use_experiment(args.experiment)
-    with mlflow.start_run(run_name=f"prepare_data {version}", tags={**contract.airflow_tags(args), "stage": "prepare_data",
+    with mlflow.start_run(run_name=f"prepare_data {version}", tags={**stage.airflow_tags(args), "stage": "prepare_data",
                                                                      "dataset_version": version}) as run:
         mlflow.log_params({"data_uri": args.data_uri, "manifest_uri": manifest_uri,
                            "max_quarantine_share": args.max_quarantine_share,
@@ -95,17 +95,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             storage.write_bytes(manifest_uri, manifest.to_json().encode())
         mlflow.log_input(tracking.dataset_input(manifest_uri, version), context="snapshot")
 
-    return {
-        "dataset_version": version,
-        "manifest_uri": manifest_uri,
-        "classes": manifest.classes,
-        "counts": {split: sum(c.values()) for split, c in counts.items()},
-        "quarantined": [vars(q) for q in manifest.quarantined],
-        "class_changes": changes,
-        "mlflow_run_id": run.info.run_id,
-        "mlflow_experiment_id": run.info.experiment_id,
-    }
+    return PrepareResult(dataset_version=version, manifest_uri=manifest_uri, classes=manifest.classes,
+                         counts={split: sum(c.values()) for split, c in counts.items()},
+                         quarantined=[vars(q) for q in manifest.quarantined], class_changes=changes,
+                         mlflow_run_id=run.info.run_id, mlflow_experiment_id=run.info.experiment_id)
 
 
 if __name__ == "__main__":
-    sys.exit(contract.run_stage(get_args_parser(), main))
+    sys.exit(stage.run_stage(get_args_parser(), main))

@@ -61,8 +61,9 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from embedder import batching, images, model, storage
+from embedder import batching, images, model
 from embedder import gallery as gallery_mod
+from retrain_contract import storage
 
 log = logging.getLogger("embedder.serve")
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024

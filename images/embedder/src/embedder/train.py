@@ -43,8 +43,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import embedder
-from embedder import checkpoint, contract, data, images, model, tracking
+from embedder import checkpoint, data, images, model, stage, tracking
 from retrain_contract import params
+from retrain_contract.results import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--progress-every-steps", type=int, default=50,
                        help="log progress within an epoch every N steps, or every --progress-every-s, whichever comes first")
     group.add_argument("--progress-every-s", type=float, default=30.0, help="see --progress-every-steps")
-    return contract.add_common_arguments(parser)
+    return stage.add_common_arguments(parser)
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -91,9 +92,9 @@ def validate_args(args: argparse.Namespace) -> None:
     for name, minimum in (("checkpoint_every_steps", 0), ("keep_checkpoints", 1), ("log_every_steps", 1),
                           ("max_preemptions", 0), ("progress_every_steps", 1), ("progress_every_s", 0)):
         if getattr(args, name) < minimum:
-            raise contract.StageInputError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
+            raise stage.StageInputError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise contract.StageInputError("--device cuda, but no CUDA device is visible (check the GPU request and driver)")
+        raise stage.StageInputError("--device cuda, but no CUDA device is visible (check the GPU request and driver)")
 
 
 def config_fingerprint(args: argparse.Namespace, classes: list[str]) -> str:
@@ -402,7 +403,7 @@ class StopSignal:
         if first:
             log.warning("SIGTERM received: saving a checkpoint and stopping")
         if self.immediate:
-            raise contract.StagePreempted("SIGTERM after the last checkpoint; the retry resumes from it")
+            raise stage.StagePreempted("SIGTERM after the last checkpoint; the retry resumes from it")
 
     @property
     def requested(self) -> bool:
@@ -446,9 +447,9 @@ def fit(trainer: Trainer, progress: Progress, args: argparse.Namespace, train_lo
             if stop.requested:
                 meter.sync()
                 if saver is None:
-                    raise contract.StagePreempted("SIGTERM and no checkpoint location; the retry starts over")
+                    raise stage.StagePreempted("SIGTERM and no checkpoint location; the retry starts over")
                 save(wait=True)
-                raise contract.StagePreempted(
+                raise stage.StagePreempted(
                     f"SIGTERM at epoch {epoch + 1}, step {progress.global_step}; checkpoint saved "
                     f"{time.monotonic() - stop.requested_at:.1f} s after the signal")
             if args.checkpoint_every_steps and progress.global_step % args.checkpoint_every_steps == 0 \
@@ -470,7 +471,7 @@ def fit(trainer: Trainer, progress: Progress, args: argparse.Namespace, train_lo
         # The best checkpoint is the one with the best validation accuracy (lowest loss without one).
         save(wait=epoch + 1 == args.epochs or stop.requested, metric=last.get("val_accuracy", -last["train_loss"]))
         if stop.requested:
-            raise contract.StagePreempted(f"SIGTERM during epoch {epoch + 1}; its end-of-epoch checkpoint is saved")
+            raise stage.StagePreempted(f"SIGTERM during epoch {epoch + 1}; its end-of-epoch checkpoint is saved")
     return last
 
 
@@ -518,7 +519,7 @@ def _usable_run(run_id: str | None) -> bool:
         return False
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(args: argparse.Namespace) -> TrainResult:
     validate_args(args)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -543,7 +544,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     saved = store.manifest if store and store.manifest and store.manifest.matches(version, config) else None
     if saved and saved.completed:
         log.info("training for this run already finished (%s); returning its result", saved.completed.get("model_uri"))
-        return saved.completed
+        return TrainResult.from_json(saved.completed)
     if saved and saved.preemptions > args.max_preemptions:
         raise RuntimeError(f"this run was preempted {saved.preemptions} times (limit --max-preemptions "
                            f"{args.max_preemptions}); failing so it is retried or looked at")
@@ -551,12 +552,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         net = model.build(args.architecture, len(classes), args.pretrained_weights or None)
     except ValueError as exc:
-        raise contract.StageInputError(str(exc)) from None
+        raise stage.StageInputError(str(exc)) from None
     train_loader, val_loader = make_loaders(manifest, class_to_idx, args, pin_memory=device.type == "cuda")
     trainer = Trainer(net, args, device)
     progress = Progress()
 
-    tags = {**contract.airflow_tags(args), "stage": "train", "dataset_version": version,
+    tags = {**stage.airflow_tags(args), "stage": "train", "dataset_version": version,
             "code_version": tracking.code_version(), "image": tracking.image_ref()}
     tracking.use_experiment(args.experiment)
     run_id = saved.mlflow_run_id if saved else None
@@ -606,7 +607,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     metrics.flush()
                 stop.immediate = True
                 if stop.requested:
-                    raise contract.StagePreempted("SIGTERM after the last checkpoint; the retry resumes from it")
+                    raise stage.StagePreempted("SIGTERM after the last checkpoint; the retry resumes from it")
                 if not last:  # resumed after the last epoch: nothing left but the export
                     last = {k: v for k, v in mlflow.get_run(run.info.run_id).data.metrics.items() if k in EPOCH_METRICS}
                 if metrics.dropped:
@@ -615,30 +616,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     mlflow.log_metrics({"checkpoint_blocking_seconds": saver.blocking_seconds,
                                         "checkpoint_write_seconds": saver.write_seconds}, step=progress.global_step)
                 info = log_model(trainer.net.cpu(), classes, version, args)
-        except contract.StagePreempted:
+        except stage.StagePreempted:
             if store:
                 store.update(lambda m: setattr(m, "preemptions", m.preemptions + 1))
             mlflow.set_tag("preempted", "true")
             mlflow.end_run(status="KILLED")
             raise
 
-        result = {
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_experiment_id": run.info.experiment_id,
-            "model_uri": info.model_uri,
-            "dataset_version": version,
-            "architecture": args.architecture,
-            "image_size": args.image_size,
-            "embedding_dim": net.embedder.embedding_dim,
-            "final_train_loss": last.get("train_loss"),
-            "final_val_accuracy": last.get("val_accuracy"),
-            "images_per_sec": last.get("images_per_sec"),
-            "resumed": bool(restored),
-        }
+        result = TrainResult(
+            mlflow_run_id=run.info.run_id, mlflow_experiment_id=run.info.experiment_id, model_uri=info.model_uri,
+            dataset_version=version, architecture=args.architecture, image_size=args.image_size,
+            embedding_dim=net.embedder.embedding_dim, final_train_loss=last.get("train_loss"),
+            final_val_accuracy=last.get("val_accuracy"), images_per_sec=last.get("images_per_sec"),
+            resumed=bool(restored))
         if store:
-            store.update(lambda m: setattr(m, "completed", result))
+            store.update(lambda m: setattr(m, "completed", result.to_json()))
     return result
 
 
 if __name__ == "__main__":
-    sys.exit(contract.run_stage(get_args_parser(), main))
+    sys.exit(stage.run_stage(get_args_parser(), main))

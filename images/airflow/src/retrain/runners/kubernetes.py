@@ -16,8 +16,9 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
 from retrain import links
+from retrain.runners.common import reschedule_after_preemption
 from retrain.settings import PodSettings, Settings
-from retrain.stages import EXIT_BAD_INPUT, EXIT_PREEMPTED, reschedule_after_preemption
+from retrain_contract.stages import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 GPU_RESOURCE = "nvidia.com/gpu"
 TRAIN_GRACE_S = 120

@@ -1,11 +1,12 @@
-"""The stage contract shared by every ``python -m embedder.<stage>`` command.
+"""What every ``python -m embedder.<stage>`` command does around its work (the protocol is
+:mod:`retrain_contract.stages`).
 
 A stage parses its flags, does its work, writes one JSON object to the result path (which the
 runner turns into the task's XCom) and exits 0. Bad input raises :class:`StageInputError`; the
-stage then exits with :data:`EXIT_BAD_INPUT` and a one-line message that names the culprit, so
-the runner can fail the task without retrying a run that cannot succeed. A stage that was asked to
+stage then exits with ``EXIT_BAD_INPUT`` and a one-line message that names the culprit, so the
+runner can fail the task without retrying a run that cannot succeed. A stage that was asked to
 stop (SIGTERM: a preempted node, a drained pod) and saved its progress raises :class:`StagePreempted`
-and exits with :data:`EXIT_PREEMPTED`; the runner reschedules the task without using up a retry.
+and exits with ``EXIT_PREEMPTED``; the runner reschedules the task without using up a retry.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_RESULT_PATH = "/airflow/xcom/return.json"
-RESULT_PATH_ENV = "EMBEDDER_RESULT_PATH"
-EXIT_BAD_INPUT = 2
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving progress; run it again to resume
+from retrain_contract.results import Result
+from retrain_contract.stages import DEFAULT_RESULT_PATH, EXIT_BAD_INPUT, EXIT_PREEMPTED, RESULT_PATH_ENV
 
 log = logging.getLogger("embedder")
 
@@ -59,23 +58,37 @@ def write_result(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the runners relay each line at its level
+
+
+def configure_logging() -> None:
+    """INFO and below to stdout, warnings and errors to stderr, every line in :data:`LOG_FORMAT`."""
+    formatter = logging.Formatter(LOG_FORMAT)
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=logging.INFO, handlers=[out, err], force=True)
+
+
 def run_stage(
     parser: argparse.ArgumentParser,
-    main: Callable[[argparse.Namespace], dict[str, Any]],
+    main: Callable[[argparse.Namespace], Result],
     argv: Sequence[str] | None = None,
 ) -> int:
     """Parse ``argv``, run ``main`` and write its result; return the process exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    configure_logging()
     args = parser.parse_args(argv)
     try:
-        payload = main(args)
+        result = main(args)
     except StageInputError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+        log.error("%s: error: %s", parser.prog, exc)
         return EXIT_BAD_INPUT
     except StagePreempted as exc:
-        print(f"{parser.prog}: preempted: {exc}", file=sys.stderr, flush=True)
+        log.warning("%s: preempted: %s", parser.prog, exc)
         return EXIT_PREEMPTED
-    write_result(result_path(args), payload)
+    write_result(result_path(args), result.to_json())
     log.info("%s: result written to %s", parser.prog, result_path(args))
     return 0
 

@@ -1,10 +1,4 @@
-"""Stages and the one stage runner.
-
-A stage is ``python -m embedder.<name> <arguments>``: the same command and arguments whether it
-runs as a local subprocess (``RETRAIN_RUNNER=local``) or in a pod. The arguments are Airflow
-templates, rendered by the operator, so XCom and Params flow into both runners the same way. The
-stage writes one JSON document to its result path; the runner returns it as the task's XCom.
-"""
+"""The local runner: a stage as a subprocess of the task, its output relayed to the task log at each line's level."""
 
 from __future__ import annotations
 
@@ -20,46 +14,17 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowRescheduleException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from retrain import links
-from retrain.settings import Settings
-from retrain_contract.params import ParamSpec
-
-# embedder.contract.EXIT_BAD_INPUT: the stage rejected its input; retrying cannot help.
-EXIT_BAD_INPUT = 2
-# embedder.contract.EXIT_PREEMPTED: stopped by SIGTERM after saving progress; run it again to resume.
-EXIT_PREEMPTED = 75
-RESULT_PATH_ENV = "EMBEDDER_RESULT_PATH"
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    gpu: bool = False
-
-    @property
-    def module(self) -> str:
-        return f"embedder.{self.name}"
-
-    def command(self, python: str = "python") -> list[str]:
-        return [python, "-m", self.module]
-
-
-STAGES: dict[str, StageSpec] = {
-    "prepare_data": StageSpec("prepare_data"),
-    "train": StageSpec("train", gpu=True),
-    "evaluate": StageSpec("evaluate"),
-}
+from retrain.runners.common import StageSpec, reschedule_after_preemption
+from retrain_contract.stages import EXIT_BAD_INPUT, EXIT_PREEMPTED, RESULT_PATH_ENV
 
 
 class LocalStageOperator(BaseOperator):
@@ -113,21 +78,10 @@ class LocalStageOperator(BaseOperator):
         if not proc or proc.poll() is not None:
             return
         os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.kill_grace_s
-        while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=self.kill_grace_s)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-
-
-def reschedule_after_preemption(delay_s: float) -> AirflowRescheduleException:
-    """The exception that runs a preempted stage again, in the same try, after ``delay_s``.
-
-    A reschedule keeps the task's try number, so a preempted node does not use up a retry; the
-    stage resumes from the checkpoint it saved. The stage caps how often one run may be preempted
-    (``--max-preemptions``); past that it fails like any other error and retries count again.
-    """
-    return AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=delay_s))
 
 
 _LEVEL = re.compile(r"^\S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) (.*)$")  # the stages' own log format
@@ -201,20 +155,3 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def param_arguments(specs: Sequence[ParamSpec]) -> list[str]:
-    """The stage flags of these run Params, as templates of their values (an empty optional one: ``""``)."""
-    return [arg for spec in specs
-            for arg in (spec.flag, f"{{{{ '' if params.{spec.name} is none else params.{spec.name} }}}}")]
-
-
-def stage_operator(name: str, arguments: list[str], settings: Settings, **kwargs: Any) -> BaseOperator:
-    """The operator that runs stage ``name`` with the configured runner."""
-    spec = STAGES[name]
-    if settings.runner == "local":
-        return LocalStageOperator(task_id=name, stage=spec, arguments=arguments, python=settings.local_python,
-                                  env=settings.stage_env(), preemption_delay_s=settings.preemption_delay_s, **kwargs)
-    from retrain.pods import stage_pod_operator
-
-    return stage_pod_operator(name, spec.command(), arguments, spec.gpu, settings, **kwargs)
