@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from embedder import batching, model
+from embedder import model
+from embedder.serving import batching
 
 
 class Recording:
@@ -34,6 +35,14 @@ def images(n: int, value: float) -> torch.Tensor:
 
 async def gather(batcher, jobs):
     return await asyncio.gather(*(batcher.embed(m, x) for m, x in jobs))
+
+
+async def until(condition, what: str, timeout_s: float = 10.0) -> None:
+    """Yield to the event loop until ``condition()`` holds; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not after {timeout_s} s: {what}"
+        await asyncio.sleep(0.001)
 
 
 def run(batcher, jobs):
@@ -123,7 +132,8 @@ def test_close_runs_what_is_queued_then_refuses():
     async def scenario():
         batcher.start()
         pending = [asyncio.ensure_future(batcher.embed(net, images(1, float(i)))) for i in range(3)]
-        await asyncio.sleep(0.01)
+        # every request accepted (waiting, or taken by the worker) before the batcher closes
+        await until(lambda: batcher.queued_images + len(net.batches) == 3, "the 3 requests accepted")
         closer = asyncio.get_running_loop().run_in_executor(None, batcher.close, 10)
         done = await asyncio.gather(*pending)
         await closer

@@ -17,10 +17,13 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from embedder import gallery, serve
+from embedder import gallery
 from embedder.images import decode_rgb, eval_transform
+from embedder.serving.app import create_app
+from embedder.serving.inputs import MAX_UPLOAD_BYTES, Limits
+from embedder.serving.model import Desired, ModelHolder, Serving
 
-LIMITS = serve.Limits(max_pixels=1_000_000, max_batch_images=8, max_request_bytes=16 * 1024 * 1024)
+LIMITS = Limits(max_pixels=1_000_000, max_batch_images=8, max_request_bytes=16 * 1024 * 1024)
 
 
 def image_bytes(mode: str, size=(40, 30), fmt: str = "PNG") -> bytes:
@@ -44,14 +47,14 @@ GALLERY_IMAGES = {f"g/{label}/{i}.png": (label, striped(i)) for i, label in zip(
 
 
 def app_client(loaded, with_gallery: bool = True, **kwargs) -> TestClient:
-    holder = serve.ModelHolder()
+    holder = ModelHolder()
     found = None
     if with_gallery:
         batch = torch.stack([eval_transform(32)(decode_rgb(data)) for _, data in GALLERY_IMAGES.values()])
         found = gallery.Gallery(loaded.embed(batch), [label for label, _ in GALLERY_IMAGES.values()],
                                 list(GALLERY_IMAGES), "d1")
-    holder.current = serve.Serving(serve.Desired("m", "1"), loaded, "d1", "r1", found)
-    return TestClient(serve.create_app(holder, limits=LIMITS, **kwargs))
+    holder.current = Serving(Desired("m", "1"), loaded, "d1", "r1", found)
+    return TestClient(create_app(holder, limits=LIMITS, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +141,9 @@ PNG = image_bytes("RGB")
     # too many pixels, too many bytes
     ({"files": {"file": ("huge.png", image_bytes("L", size=(2000, 1000)), "image/png")}}, 413,
      "huge.png: decompression bomb guard: 2000x1000 = 2000000 pixels, over the limit of 1000000"),
-    ({"files": {"file": ("big.png", b"\x89PNG" + b"\x00" * (serve.MAX_UPLOAD_BYTES + 10), "image/png")}}, 413,
-     f"big.png is larger than the limit of {serve.MAX_UPLOAD_BYTES} bytes"),
-    ({"json": {"image": "A" * (serve.MAX_UPLOAD_BYTES // 3 * 4 + 8)}}, 413, "image is larger than the limit"),
+    ({"files": {"file": ("big.png", b"\x89PNG" + b"\x00" * (MAX_UPLOAD_BYTES + 10), "image/png")}}, 413,
+     f"big.png is larger than the limit of {MAX_UPLOAD_BYTES} bytes"),
+    ({"json": {"image": "A" * (MAX_UPLOAD_BYTES // 3 * 4 + 8)}}, 413, "image is larger than the limit"),
     ({"content": b"x" * (LIMITS.max_request_bytes + 1), "headers": {"content-type": "application/json"}}, 413,
      f"is over the limit of {LIMITS.max_request_bytes} bytes"),
     # wrong content type
@@ -242,7 +245,7 @@ def test_no_micro_batching_gives_the_same_embeddings(client, loaded):
 
 
 def test_not_ready_is_a_503_with_retry_after():
-    with TestClient(serve.create_app(serve.ModelHolder(), limits=LIMITS)) as empty:
+    with TestClient(create_app(ModelHolder(), limits=LIMITS)) as empty:
         assert empty.get("/readyz").status_code == 503
         resp = empty.post("/embed", json={"image": b64(PNG)})
         assert resp.status_code == 503 and resp.headers["retry-after"] == "5"
@@ -256,9 +259,9 @@ def test_every_pairing_of_route_and_encoding_is_accepted(client):
 
 
 def test_a_streamed_body_without_content_length_is_cut_off_at_the_limit(loaded):
-    small = serve.Limits(max_request_bytes=100_000)
-    holder = serve.ModelHolder()
-    holder.current = serve.Serving(serve.Desired("m", "1"), loaded, "d1", "r1")
+    small = Limits(max_request_bytes=100_000)
+    holder = ModelHolder()
+    holder.current = Serving(Desired("m", "1"), loaded, "d1", "r1")
 
     def chunks():
         yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n'
@@ -266,7 +269,7 @@ def test_a_streamed_body_without_content_length_is_cut_off_at_the_limit(loaded):
             yield b"x" * 10_000
         yield b"\r\n--b--\r\n"
 
-    with TestClient(serve.create_app(holder, limits=small)) as c:
+    with TestClient(create_app(holder, limits=small)) as c:
         resp = c.post("/embed", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
         assert "content-length" not in resp.request.headers  # sent chunked
     assert resp.status_code == 413

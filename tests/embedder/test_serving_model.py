@@ -2,7 +2,7 @@
 and SIGTERM lets the request in flight finish.
 
 Real stages (prepare_data, train, evaluate: the gallery is logged by evaluate), a real MLflow store
-(SQLite), and the real ``python -m embedder.serve`` process loading the registered version.
+(SQLite), and the real ``python -m embedder.serving`` process loading the registered version.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import requests
 
+from retrain.waiting import poll
 from tests.helpers import free_port, wait_http
 
 pytestmark = pytest.mark.training
@@ -49,7 +49,7 @@ def server(tmp_path_factory, digits_root):
                    env=env, cwd=home, check=True, capture_output=True, timeout=120)
     port = free_port()
     log = home / "serve.log"
-    proc = subprocess.Popen([sys.executable, "-m", "embedder.serve", "--model-name", "m", "--model-version", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "embedder.serving", "--model-name", "m", "--model-version", "1",
                              "--port", str(port), "--shutdown-timeout", "20", "--max-batch", "16"],
                             env=env, cwd=home, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -60,6 +60,23 @@ def server(tmp_path_factory, digits_root):
         if proc.poll() is None:
             proc.kill()
         proc.wait(30)
+
+
+def tcp_queues(local_port: int, remote_port: int) -> tuple[int, int] | None:
+    """(send queue, receive queue) in bytes of the IPv4 TCP socket from ``local_port`` to ``remote_port`` (Linux)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, _, queues = line.split()[1:5]
+        if int(local.rsplit(":", 1)[1], 16) == local_port and int(remote.rsplit(":", 1)[1], 16) == remote_port:
+            sent, received = queues.split(":")
+            return int(sent, 16), int(received, 16)
+    return None
+
+
+def server_has_read_everything(client_port: int, server_port: int) -> bool:
+    """The server process has read all the client sent: its kernel acknowledged every byte (the client's send
+    queue is empty) and the server took them from its receive queue (so uvicorn has the request in hand)."""
+    client, server = tcp_queues(client_port, server_port), tcp_queues(server_port, client_port)
+    return client is not None and server is not None and client[0] == 0 and server[1] == 0
 
 
 def test_similar_labels_held_out_images_far_above_chance(server, digits_root):
@@ -95,10 +112,14 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(server, digit
     conn.putheader("Content-Type", "application/json")
     conn.putheader("Content-Length", str(len(body)))
     conn.endheaders()
-    conn.send(body[: len(body) // 2])  # the request is in flight: half its body is sent
-    time.sleep(0.5)
+    conn.send(body[: len(body) // 2])  # the request is in flight: half its body is sent, and read by the server
+    client_port = conn.sock.getsockname()[1]
+    poll(lambda: server_has_read_everything(client_port, server["port"]), timeout_s=30, interval_s=0.02,
+         what="the server reading the first half of the request")
     server["proc"].send_signal(signal.SIGTERM)
-    time.sleep(1.0)
+    # uvicorn has closed its listening socket and waits for the request in flight
+    poll(lambda: "Waiting for connections to close" in server["log"].read_text(), timeout_s=30, interval_s=0.05,
+         what="the server's graceful shutdown")
     with pytest.raises(requests.ConnectionError):  # no new connections once stopping
         requests.get(f"{server['url']}/healthz", timeout=5)
     conn.send(body[len(body) // 2 :])
@@ -108,5 +129,5 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_cleanly(server, digit
     # uvicorn re-raises SIGTERM after its graceful shutdown, so the exit status is the signal's
     assert server["proc"].wait(30) == -signal.SIGTERM
     log = server["log"].read_text()
-    assert "Waiting for connections to close" in log and "embedder.serve: stopped" in log
+    assert "Waiting for connections to close" in log and "embedder.serving.runtime: stopped" in log
     assert "Finished server process" in log and "Traceback" not in log

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedder.serve import EmbeddingSampler
+from embedder.serving.sampling import EmbeddingSampler
 from retrain_contract import storage
 
 
