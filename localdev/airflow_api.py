@@ -6,11 +6,12 @@ trigger runs the way the Trigger form does, and read run states, task instances,
 
 from __future__ import annotations
 
-import time
 from typing import Any
 from urllib.parse import quote
 
 import requests
+
+from retrain.waiting import poll
 
 FINISHED = ("success", "failed")
 
@@ -63,7 +64,7 @@ class AirflowAPI:
 
     def wait_for_dags(self, dag_ids: set[str], timeout_s: float = 120.0) -> None:
         """Until the DAG processor has parsed ``dag_ids`` into the database."""
-        wait_for(lambda: dag_ids <= self.dag_ids(), timeout_s, f"DAGs {sorted(dag_ids)} parsed")
+        poll(lambda: dag_ids <= self.dag_ids(), timeout_s=timeout_s, what=f"DAGs {sorted(dag_ids)} parsed")
 
     def set_paused(self, dag_id: str, paused: bool) -> None:
         self.request("PATCH", f"dags/{dag_id}", json={"is_paused": paused})
@@ -86,25 +87,19 @@ class AirflowAPI:
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout_s: float = 900.0) -> dict[str, Any]:
         """The run once it has finished (success or failed)."""
-        found: dict[str, Any] = {}
+        def finished() -> dict[str, Any] | None:
+            run = self.run(dag_id, run_id)
+            return run if run["state"] in FINISHED else None
 
-        def finished() -> bool:
-            found.update(self.run(dag_id, run_id))
-            return found["state"] in FINISHED
-
-        wait_for(finished, timeout_s, f"run {run_id} of {dag_id} finished", poll_s=1.0)
-        return found
+        return poll(finished, timeout_s=timeout_s, interval_s=1.0, what=f"run {run_id} of {dag_id} finished")
 
     def wait_for_new_run(self, dag_id: str, run_type: str, known: set[str], timeout_s: float = 120.0) -> dict[str, Any]:
         """The first run of ``run_type`` not in ``known``, once the scheduler has created it."""
-        found: list[dict[str, Any]] = []
+        def created() -> dict[str, Any] | None:
+            new = [r for r in self.runs(dag_id, run_type) if r["dag_run_id"] not in known]
+            return new[0] if new else None
 
-        def created() -> bool:
-            found[:] = [r for r in self.runs(dag_id, run_type) if r["dag_run_id"] not in known]
-            return bool(found)
-
-        wait_for(created, timeout_s, f"a new {run_type} run of {dag_id}", poll_s=1.0)
-        return found[0]
+        return poll(created, timeout_s=timeout_s, interval_s=1.0, what=f"a new {run_type} run of {dag_id}")
 
     # -- tasks -------------------------------------------------------------------------------------
 
@@ -128,12 +123,3 @@ class AirflowAPI:
     def extra_links(self, dag_id: str, run_id: str, task_id: str) -> dict[str, str | None]:
         body = self.request("GET", f"dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}/links")
         return body.get("extra_links", body)
-
-
-def wait_for(condition, timeout_s: float, what: str, poll_s: float = 0.5) -> None:
-    """Poll ``condition`` until it is true; TimeoutError naming ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not true after {timeout_s:.0f} s")
-        time.sleep(poll_s)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 
 import requests
+
+from retrain.waiting import poll
 
 
 def free_port() -> int:
@@ -16,14 +17,14 @@ def free_port() -> int:
 
 
 def wait_http(url: str, timeout: float = 120, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until ``url`` answers 200; RuntimeError at once if ``proc`` (the server) exits first."""
+
+    def up() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process for {url} exited with {proc.returncode}")
         try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
+            return requests.get(url, timeout=2).status_code == 200
         except requests.RequestException:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(url)
+            return False
+
+    poll(up, timeout_s=timeout, interval_s=0.3, what=url)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from localdev.airflow_api import wait_for
+from retrain.waiting import poll
 from tests.e2e.conftest import SMALL_RUNS, started_stack
 
 pytestmark = pytest.mark.e2e
@@ -62,8 +62,8 @@ def test_a_scheduler_killed_mid_training_comes_back_and_the_run_resumes_from_its
     def checkpointed() -> bool:  # the manifest is written when training begins; a checkpoint is listed in it
         return manifest.exists() and bool(json.loads(manifest.read_text())["checkpoints"])
 
-    wait_for(lambda: api.task_instances(RETRAIN, run["dag_run_id"])["train"]["state"] == "running" and checkpointed(),
-             240, "train running with a checkpoint saved")
+    poll(lambda: api.task_instances(RETRAIN, run["dag_run_id"])["train"]["state"] == "running" and checkpointed(),
+         timeout_s=240, what="train running with a checkpoint saved")
     killed = running.stack.kill("scheduler", signal.SIGKILL)
     assert len(killed) >= 4  # the scheduler, its executor workers, the task's process, the stage
     running.stack.start("scheduler")

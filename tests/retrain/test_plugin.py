@@ -85,12 +85,12 @@ def test_extra_links_are_built_from_each_tasks_result():
                                   "RETRAIN_MLFLOW_UI_URL": "https://mlflow.example.com/",
                                   "RETRAIN_SERVING_URL": "http://127.0.0.1:8080"})
     train = {"mlflow_run_id": "abc", "mlflow_experiment_id": "3"}
-    assert links.MLflowRunLink().url(settings, train) == "https://mlflow.example.com/#/experiments/3/runs/abc"
-    assert links.ModelVersionLink().url(settings, {"model_name": "image embedder", "version": "7"}) == (
+    assert links.MLFLOW_RUN.url(settings, train) == "https://mlflow.example.com/#/experiments/3/runs/abc"
+    assert links.MODEL_VERSION.url(settings, {"model_name": "image embedder", "version": "7"}) == (
         "https://mlflow.example.com/#/models/image%20embedder/versions/7")
     deploy = {"model_version": "7", "serving_run_id": "r9", "serving_experiment_id": "5"}
-    assert links.ServingLink().url(settings, deploy) == "http://127.0.0.1:8080/metadata"
-    assert links.RolloutRecordLink().url(settings, deploy) == "https://mlflow.example.com/#/experiments/5/runs/r9"
+    assert links.SERVING.url(settings, deploy) == "http://127.0.0.1:8080/metadata"
+    assert links.ROLLOUT_RECORD.url(settings, deploy) == "https://mlflow.example.com/#/experiments/5/runs/r9"
     for link in links.ALL:  # a task without the ids (failed early, skipped) gets no link
         assert link.url(settings, {}) is None
     assert json.loads(json.dumps([link.name for link in links.ALL]))  # names are what the UI shows

@@ -6,12 +6,14 @@ import signal
 import threading
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowRescheduleException
 
 from retrain.runners.common import StageSpec
 from retrain.runners.local import LocalStageOperator
+from retrain.waiting import poll
 
 
 def fake_stage(tmp_path, body: str) -> str:
@@ -61,16 +63,19 @@ def test_a_preempted_stage_is_rescheduled_not_retried(tmp_path):
     assert 29 <= (info.value.reschedule_date - before).total_seconds() <= 60
 
 
+def armed(op: LocalStageOperator, ready: Path) -> None:
+    """Until the stage process runs and its signal trap is installed (it touches ``ready`` right after)."""
+    poll(lambda: op._proc is not None and op._proc.poll() is None and ready.exists(), timeout_s=30, interval_s=0.02,
+         what="the stage's trap installed")
+
+
 def test_on_kill_sends_sigterm_first_and_a_killed_task_is_not_rescheduled(tmp_path):
-    marker = tmp_path / "got-sigterm"
+    marker, ready = tmp_path / "got-sigterm", tmp_path / "ready"
     # Saves "a checkpoint" on SIGTERM and exits 75, as the train stage does.
-    op = operator(tmp_path, f'trap "touch {marker}; exit 75" TERM; echo started; while :; do sleep 0.1; done',
+    op = operator(tmp_path, f'trap "touch {marker}; exit 75" TERM; touch {ready}; while :; do sleep 0.1; done',
                   kill_grace_s=10)
     thread, errors = start(op)
-    deadline = time.monotonic() + 30
-    while (op._proc is None or op._proc.poll() is not None) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    armed(op, ready)
     started = time.monotonic()
     op.on_kill()
     thread.join(30)
@@ -81,11 +86,10 @@ def test_on_kill_sends_sigterm_first_and_a_killed_task_is_not_rescheduled(tmp_pa
 
 
 def test_on_kill_escalates_to_sigkill_after_the_grace_period(tmp_path):
-    op = operator(tmp_path, 'trap "" TERM; while :; do sleep 0.1; done', kill_grace_s=1)
+    ready = tmp_path / "ready"
+    op = operator(tmp_path, f'trap "" TERM; touch {ready}; while :; do sleep 0.1; done', kill_grace_s=1)
     thread, errors = start(op)
-    while op._proc is None:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    armed(op, ready)
     op.on_kill()
     thread.join(30)
     assert op._proc.returncode == -signal.SIGKILL

@@ -28,6 +28,7 @@ from typing import Any
 from airflow.sdk import BaseNotifier
 
 from retrain.settings import Settings
+from retrain.waiting import retry
 
 log = logging.getLogger(__name__)
 
@@ -135,16 +136,12 @@ def send_alert(alert: Alert, settings: Settings | None = None, channels: AlertSe
             fh.write(json.dumps(asdict(alert), default=str) + "\n")
         outcome["file"] = "sent"
     for name in cfg.channels:
-        for attempt in range(1, cfg.attempts + 1):
-            try:
-                SENDERS[name](alert, cfg)
-                outcome[name] = "sent"
-                break
-            except Exception as exc:  # a channel's failure must not stop the others or the task
-                outcome[name] = f"{type(exc).__name__}: {exc}"
-                log.warning("alert channel %s failed (attempt %d of %d): %s", name, attempt, cfg.attempts, exc)
-                if attempt < cfg.attempts:
-                    time.sleep(min(2 ** attempt, 10))
+        try:
+            retry(lambda send=SENDERS[name]: send(alert, cfg), attempts=cfg.attempts, what=f"alert channel {name}")
+            outcome[name] = "sent"
+        except Exception as exc:  # a channel's failure must not stop the others or the task
+            outcome[name] = f"{type(exc).__name__}: {exc}"
+            log.error("alert channel %s failed %d times, giving up: %s", name, cfg.attempts, exc)
     return outcome
 
 

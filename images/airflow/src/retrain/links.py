@@ -3,12 +3,13 @@
 Each link is resolved from the task's own result (its ``return_value`` XCom) when the task ends,
 in the worker; Airflow stores the URL and the UI shows it. Nothing here calls MLflow: the URLs are
 built from ids in the result and the browser-facing addresses in the settings
-(``RETRAIN_MLFLOW_UI_URL``, ``RETRAIN_SERVING_URL``). A task without a result (failed, skipped)
-gets no URL, so its button stays disabled.
+(``RETRAIN_MLFLOW_UI_URL``, ``RETRAIN_SERVING_URL``). A task without a result (failed, skipped), or
+whose result lacks the ids, gets no URL, so its button stays disabled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from airflow.sdk import BaseOperatorLink
@@ -18,60 +19,36 @@ from retrain.settings import Settings
 
 
 class ResultLink(BaseOperatorLink):
-    """A link computed from the task's result; ``""`` (no link) while there is none."""
+    """A link named ``name``, built by ``build`` from the task's result once it has every field in ``needs``."""
 
-    name = "result"
+    def __init__(self, name: str, needs: tuple[str, ...], build: Callable[[Settings, dict[str, Any]], str]):
+        self._name, self.needs, self.build = name, needs, build
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def xcom_key(self) -> str:
+        return f"_link_{self._name.replace(' ', '_')}"
+
+    def url(self, settings: Settings, result: dict[str, Any]) -> str | None:
+        return self.build(settings, result) if all(result.get(k) for k in self.needs) else None
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
         result = XCom.get_value(ti_key=ti_key, key="return_value")
-        if not isinstance(result, dict):
-            return ""
-        return self.url(Settings.from_env(), result) or ""
-
-    def url(self, settings: Settings, result: dict[str, Any]) -> str | None:
-        raise NotImplementedError
+        return (self.url(Settings.from_env(), result) or "") if isinstance(result, dict) else ""
 
 
-class MLflowRunLink(ResultLink):
-    """The stage's MLflow run (``prepare_data``, ``train``: its training run, ``evaluate``: the evaluation run)."""
-
-    name = "MLflow run"
-
-    def url(self, settings: Settings, result: dict[str, Any]) -> str | None:
-        if result.get("mlflow_run_id") and result.get("mlflow_experiment_id"):
-            return settings.mlflow_run_url(result["mlflow_experiment_id"], result["mlflow_run_id"])
-        return None
-
-
-class ModelVersionLink(ResultLink):
-    """The model version ``promote`` registered, with its scores, lineage and decision."""
-
-    name = "Model version"
-
-    def url(self, settings: Settings, result: dict[str, Any]) -> str | None:
-        if result.get("model_name") and result.get("version"):
-            return settings.model_version_url(result["model_name"], result["version"])
-        return None
-
-
-class ServingLink(ResultLink):
-    """What serves after ``deploy``: the serving API's own report of the model it runs."""
-
-    name = "Serving"
-
-    def url(self, settings: Settings, result: dict[str, Any]) -> str | None:
-        return f"{settings.serving_url}/metadata" if result.get("model_version") else None
-
-
-class RolloutRecordLink(ResultLink):
-    """The rollout's record in MLflow's ``<experiment>-serving`` experiment (what served when, from which run)."""
-
-    name = "Rollout record"
-
-    def url(self, settings: Settings, result: dict[str, Any]) -> str | None:
-        if result.get("serving_run_id") and result.get("serving_experiment_id"):
-            return settings.mlflow_run_url(result["serving_experiment_id"], result["serving_run_id"])
-        return None
-
-
-ALL = (MLflowRunLink(), ModelVersionLink(), ServingLink(), RolloutRecordLink())
+# The stage's MLflow run (prepare_data, train: the training run, evaluate: the evaluation run).
+MLFLOW_RUN = ResultLink("MLflow run", ("mlflow_experiment_id", "mlflow_run_id"),
+                        lambda s, r: s.mlflow_run_url(r["mlflow_experiment_id"], r["mlflow_run_id"]))
+# The model version promote registered, with its scores, lineage and decision.
+MODEL_VERSION = ResultLink("Model version", ("model_name", "version"),
+                           lambda s, r: s.model_version_url(r["model_name"], r["version"]))
+# What serves after deploy: the serving API's own report of the model it runs.
+SERVING = ResultLink("Serving", ("model_version",), lambda s, r: f"{s.serving_url}/metadata")
+# The rollout's record in MLflow's <experiment>-serving experiment (what served when, from which run).
+ROLLOUT_RECORD = ResultLink("Rollout record", ("serving_experiment_id", "serving_run_id"),
+                            lambda s, r: s.mlflow_run_url(r["serving_experiment_id"], r["serving_run_id"]))
+ALL = (MLFLOW_RUN, MODEL_VERSION, SERVING, ROLLOUT_RECORD)

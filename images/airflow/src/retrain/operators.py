@@ -52,7 +52,7 @@ class PromoteOperator(BaseOperator):
     """Register the challenger and move ``@champion`` only if it beats the champion on the same data."""
 
     template_fields: Sequence[str] = ("train_result", "evaluation")
-    operator_extra_links = (links.ModelVersionLink(),)
+    operator_extra_links = (links.MODEL_VERSION,)
     ui_color = "#e8eefa"
 
     def __init__(self, *, train_result: Any, evaluation: Any, **kwargs: Any):
@@ -79,7 +79,7 @@ class DeployOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("promotion",)
-    operator_extra_links = (links.ServingLink(), links.RolloutRecordLink())
+    operator_extra_links = (links.SERVING, links.ROLLOUT_RECORD)
     ui_color = "#e8f4fa"
 
     def __init__(self, *, promotion: Any, **kwargs: Any):

@@ -55,25 +55,28 @@ class CheckDriftResult(Result):
 
 
 @dataclass(frozen=True)
-class PrepareResult(Result):
-    TASK: ClassVar[str] = "prepare_data"
+class TrackedResult(Result):
+    """A stage's result: the MLflow run it logged to, and the data snapshot it worked on."""
+
+    mlflow_run_id: str
+    mlflow_experiment_id: str
     dataset_version: str
+
+
+@dataclass(frozen=True)
+class PrepareResult(TrackedResult):
+    TASK: ClassVar[str] = "prepare_data"
     manifest_uri: str
     classes: list[str]
     counts: dict[str, int]
-    mlflow_run_id: str
-    mlflow_experiment_id: str
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     class_changes: dict[str, list[str]] | None = None
 
 
 @dataclass(frozen=True)
-class TrainResult(Result):
+class TrainResult(TrackedResult):
     TASK: ClassVar[str] = "train"
-    mlflow_run_id: str
-    mlflow_experiment_id: str
     model_uri: str
-    dataset_version: str
     architecture: str
     image_size: int
     embedding_dim: int
@@ -97,14 +100,13 @@ class Scores(Result):
 
 
 @dataclass(frozen=True)
-class EvaluateResult(Result):
+class EvaluateResult(TrackedResult):
+    """The MLflow run is the evaluation's, with both models' scores side by side."""
+
     TASK: ClassVar[str] = "evaluate"
     NESTED: ClassVar[dict[str, type[Result]]] = {"challenger": Scores, "champion": Scores}
-    dataset_version: str
     manifest_uri: str
     challenger: Scores
-    mlflow_run_id: str  # the evaluation run, with both models' scores side by side
-    mlflow_experiment_id: str
     champion: Scores | None = None
 
 

@@ -58,7 +58,7 @@ class StagePodOperator(KubernetesPodOperator):
     retry, and resumes from its checkpoint in a new pod.
     """
 
-    operator_extra_links = (links.MLflowRunLink(),)
+    operator_extra_links = (links.MLFLOW_RUN,)
 
     def __init__(self, *, preemption_delay_s: float = 30.0, **kwargs: Any):
         super().__init__(**kwargs)

@@ -31,7 +31,7 @@ class LocalStageOperator(BaseOperator):
     """Run a stage as a local subprocess, stream its output to the task log, return its JSON result."""
 
     template_fields: Sequence[str] = ("arguments",)
-    operator_extra_links = (links.MLflowRunLink(),)
+    operator_extra_links = (links.MLFLOW_RUN,)
     ui_color = "#e8f4ea"
 
     def __init__(self, *, stage: StageSpec, arguments: list[str], python: str, env: dict[str, str],
