@@ -23,14 +23,11 @@ API), scheduler with the LocalExecutor, DAG processor and triggerer, on a SQLite
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +36,11 @@ from urllib.parse import urlparse
 import psutil
 import requests
 
+from localdev import processes
 from retrain.settings import Settings
+from retrain.waiting import poll
 
 REPO = Path(__file__).resolve().parents[1]
-MARKER = "RETRAIN_LOCALDEV_STACK"  # in the environment of every process of a stack: its RETRAIN_HOME
 ADMIN_USER = "admin"
 AIRFLOW_COMPONENTS = ("api-server", "dag-processor", "scheduler", "triggerer")
 STOP_ORDER = ("scheduler", "triggerer", "dag-processor", "api-server", "serving", "mlflow")
@@ -59,18 +57,6 @@ class Component:
     argv: list[str]
     ready: Callable[[], bool]
     url: str = ""
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.25,
-               alive: Callable[[], bool] | None = None) -> None:
-    """Poll ``condition`` until it holds; raise StackError naming ``what`` on timeout or when ``alive`` turns false."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if alive is not None and not alive():
-            raise StackError(f"{what}: the process exited")
-        if time.monotonic() >= deadline:
-            raise StackError(f"{what}: not done after {timeout_s:.0f} s")
-        time.sleep(poll_s)
 
 
 def _http_ok(url: str) -> bool:
@@ -147,7 +133,7 @@ class LocalStack:
         keys = self._secrets()
         env = dict(self.base_env)
         env.update({
-            MARKER: str(self.home),
+            processes.MARKER: str(self.home),
             "RETRAIN_HOME": str(self.home),
             "MLFLOW_TRACKING_URI": s.tracking_uri,
             "RETRAIN_SERVING_URL": s.serving_url,
@@ -204,7 +190,7 @@ class LocalStack:
                                  "--artifacts-destination", str(self.home / "mlartifacts"),
                                  "--host", mlflow_host, "--port", str(mlflow_port), "--workers", "1"],
                       lambda: _http_ok(f"{s.tracking_uri}/health"), s.tracking_uri),
-            Component("serving", [s.local_python, "-m", "embedder.serve", "--state-uri", s.serving_state_uri,
+            Component("serving", [s.local_python, "-m", "embedder.serving", "--state-uri", s.serving_state_uri,
                                   "--host", serving_host, "--port", str(serving_port),
                                   "--sample-uri", s.drift.sample_uri, "--sample-rate", str(s.drift.sample_rate),
                                   "--window-seconds", str(s.drift.window_s)],
@@ -221,64 +207,17 @@ class LocalStack:
 
     # -- processes ---------------------------------------------------------------------------------
 
-    def _recorded(self, name: str) -> tuple[int, float] | None:
-        """(pid, start time) that ``start`` wrote for the component, if any."""
-        try:
-            pid, created = self.pid_file(name).read_text().split()
-            return int(pid), float(created)
-        except (FileNotFoundError, ValueError):
-            return None
-
     def pid(self, name: str) -> int | None:
         """The component's process id, when the process that ``start`` recorded is still alive."""
-        recorded = self._recorded(name)
-        if recorded is None:
-            return None
-        pid, created = recorded
-        try:
-            proc = psutil.Process(pid)
-            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
-                return pid
-        except psutil.Error:
-            pass
-        return None
+        return processes.PidFile(self.pid_file(name)).alive()
 
     def processes(self) -> list[psutil.Process]:
-        """Every live process of this stack.
-
-        Each component starts as the leader of its own session, so everything it forks (executor
-        workers, task processes) is in that session even after the component died; Airflow renames
-        its processes, which overwrites what ``/proc`` shows of their environment. Stage processes
-        start their own session but keep their environment, which carries :data:`MARKER`.
-        """
-        sessions = {rec[0] for rec in map(self._recorded, STOP_ORDER) if rec}
-        found = []
-        for proc in psutil.process_iter():
-            if proc.pid == os.getpid() or _gone(proc):
-                continue
-            try:
-                in_session = os.getsid(proc.pid) in sessions
-            except OSError:
-                continue
-            if in_session or self._marked(proc):
-                found.append(proc)
-        return found
-
-    def _marked(self, proc: psutil.Process) -> bool:
-        try:
-            return proc.environ().get(MARKER) == str(self.home)
-        except psutil.Error:
-            return False
+        """Every live process of this stack: the components' sessions, and stage processes by their marker."""
+        sessions = {rec[0] for rec in (processes.PidFile(self.pid_file(n)).recorded() for n in STOP_ORDER) if rec}
+        return processes.members(sessions, str(self.home))
 
     def tree(self, name: str) -> list[psutil.Process]:
-        pid = self.pid(name)
-        if pid is None:
-            return []
-        root = psutil.Process(pid)
-        try:
-            return [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return [root]
+        return processes.tree(self.pid(name))
 
     def migrate(self) -> None:
         """Create or upgrade Airflow's metadata database (idempotent)."""
@@ -291,16 +230,18 @@ class LocalStack:
             raise StackError(f"airflow db migrate failed (exit {proc.returncode}); see {log}")
 
     def start(self, name: str, timeout_s: float = 180.0) -> None:
-        component = self.component(name)
+        component, what = self.component(name), f"{name} (log {self.log_file(name)})"
         if self.pid(name) is None:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self.pid_file(name).parent.mkdir(parents=True, exist_ok=True)
-            with self.log_file(name).open("ab") as log:
-                proc = subprocess.Popen(component.argv, env=self.airflow_env(), stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.home)
-            self.pid_file(name).write_text(f"{proc.pid} {psutil.Process(proc.pid).create_time()}")
-        wait_until(component.ready, timeout_s, f"{name} (log {self.log_file(name)})",
-                   alive=lambda: self.pid(name) is not None)
+            processes.spawn(component.argv, self.airflow_env(), self.log_file(name),
+                            processes.PidFile(self.pid_file(name)), self.home)
+
+        def ready() -> bool:
+            if self.pid(name) is None:
+                raise StackError(f"{what}: the process exited")
+            return component.ready()
+
+        poll(ready, timeout_s=timeout_s, interval_s=0.25, on_timeout=lambda: StackError(
+            f"{what}: not ready after {timeout_s:.0f} s"))
 
     def up(self, names: Iterable[str] | None = None, timeout_s: float = 180.0) -> None:
         wanted = list(names) if names is not None else [c.name for c in self.components()]
@@ -310,17 +251,13 @@ class LocalStack:
         for name in [c.name for c in self.components() if c.name in wanted]:
             self.start(name, timeout_s)
 
-    def kill(self, name: str, sig: int = signal.SIGKILL, timeout_s: float = 30.0) -> list[int]:
-        """Send ``sig`` to the component and every process below it at once (a crash); returns their pids.
+    def kill(self, name: str) -> list[int]:
+        """SIGKILL the component and every process below it at once (a crash); returns their pids.
 
-        With SIGKILL it returns once all of them have exited, so a ``start`` right after starts a new one.
+        It returns once all of them have exited, so a ``start`` right after starts a new one.
         """
         procs = self.tree(name)
-        for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(sig)
-        if sig == signal.SIGKILL:
-            wait_until(lambda: all(_gone(p) for p in procs), timeout_s, f"{name} killed")
+        processes.kill(procs)
         return [p.pid for p in procs]
 
     def stop(self, name: str, grace_s: float = STOP_GRACE_S) -> bool:
@@ -328,7 +265,7 @@ class LocalStack:
         procs = self.tree(name)
         if not procs:
             return False
-        _terminate(procs, grace_s)
+        processes.terminate(procs, grace_s)
         return True
 
     def down(self, grace_s: float = STOP_GRACE_S) -> dict[str, str]:
@@ -336,36 +273,11 @@ class LocalStack:
         outcome = {name: "stopped" if self.stop(name, grace_s) else "not running" for name in STOP_ORDER}
         leftovers = self.processes()
         if leftovers:
-            _terminate(leftovers, grace_s)
+            processes.terminate(leftovers, grace_s)
             outcome["leftover processes"] = f"stopped {len(leftovers)}"
         for name in STOP_ORDER:
             self.pid_file(name).unlink(missing_ok=True)
         return outcome
-
-
-def _gone(proc: psutil.Process) -> bool:
-    """Exited: no such process, or a zombie its parent has not reaped yet (a test's own child, say)."""
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.Error:
-        return False
-
-
-def _terminate(procs: list[psutil.Process], grace_s: float) -> None:
-    """SIGTERM ``procs``; SIGKILL what is still running after ``grace_s``; return once all have exited."""
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        alive = [p for p in procs if not _gone(p)]
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(sig)
-        deadline = time.monotonic() + wait_s
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.1)
-            alive = [p for p in alive if not _gone(p)]
-        if not alive:
-            return
 
 
 def print_urls(stack: LocalStack) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import signal
 import time
 from datetime import datetime
 from pathlib import Path
@@ -64,7 +63,7 @@ def test_a_scheduler_killed_mid_training_comes_back_and_the_run_resumes_from_its
 
     poll(lambda: api.task_instances(RETRAIN, run["dag_run_id"])["train"]["state"] == "running" and checkpointed(),
          timeout_s=240, what="train running with a checkpoint saved")
-    killed = running.stack.kill("scheduler", signal.SIGKILL)
+    killed = running.stack.kill("scheduler")
     assert len(killed) >= 4  # the scheduler, its executor workers, the task's process, the stage
     running.stack.start("scheduler")
 
