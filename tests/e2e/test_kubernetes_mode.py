@@ -1,7 +1,7 @@
 """Kubernetes mode end to end: the DAG runs through Airflow, each stage a KubernetesPodOperator pod
 created on the in-process API emulator, whose fake kubelet runs the stage's real command.
 
-The emulator (tests/support/kube_emulator.py) is the suite's test double for a Kubernetes API server.
+The emulator (tests/support/kube/) is the suite's test double for a Kubernetes API server.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import yaml
 from mlflow import MlflowClient
 
 from localdev.stack import LocalStack
+from retrain import links
 from retrain.settings import Settings
 from retrain_contract.registry import alias_version
-from tests.support.kube_emulator import KubeEmulator, rbac_rules
+from tests.support.kube import KubeEmulator, rbac_rules
 
 pytestmark = pytest.mark.e2e
 MODEL = "k8s-embedder"
@@ -98,7 +99,7 @@ def test_every_stage_runs_as_a_pod_and_xcom_flows(cluster):
     assert f"model {MODEL} version 1 from Airflow run manual__" in serving["metadata"]["annotations"][
         "kubernetes.io/change-cause"]
     # The worker resolved the train pod's extra link from the pod's result, as in local mode.
-    result, link = (latest_xcom(settings, "train", key) for key in ("return_value", "_link_MLflowRunLink"))
+    result, link = (latest_xcom(settings, "train", key) for key in ("return_value", links.MLFLOW_RUN.xcom_key))
     assert link == f"{settings.tracking_uri}/#/experiments/{result['mlflow_experiment_id']}/runs/{result['mlflow_run_id']}"
 
 

@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from retrain import rollout
 from retrain.settings import Settings
 from retrain_contract.results import PromoteResult
-from tests.support.kube_emulator import KubeEmulator
+from tests.support.kube import KubeEmulator
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 KUBECTL = str(Path(sys.executable).with_name("kubectl"))

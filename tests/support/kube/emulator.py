@@ -1,0 +1,171 @@
+"""The emulator as tests use it: the roles put together, served on an event loop of their own.
+
+Three ports: the API server for the worker (behind the Role, every call recorded, faults injected), the
+same API server for an operator's kubectl (may watch, nothing recorded), and the serving Service.
+Everything the roles hold is touched only on the emulator's loop; calls from a test's thread that read or
+change it are run there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .api_server import ApiServer
+from .controllers import DeploymentController
+from .kubelet import Kubelet
+from .rbac import Rbac
+from .service import ServingService
+from .store import Store
+
+
+class _Delegate:
+    """An attribute of :class:`KubeEmulator` that lives on one of its roles (tests read and set it on the emulator)."""
+
+    def __init__(self, role: str, attr: str):
+        self.role, self.attr = role, attr
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(getattr(obj, self.role), self.attr)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(getattr(obj, self.role), self.attr, value)
+
+
+class KubeEmulator:
+    gpus = _Delegate("kubelet", "gpus")  # nvidia.com/gpu the node has: a pod asking for more stays Pending
+    controller_delay = _Delegate("controller", "delay")  # seconds between the Deployment controller's steps
+    pod_ready = _Delegate("controller", "pod_ready")  # pod_ready(template): do its new pods become ready?
+    revisions = _Delegate("controller", "revisions")  # (namespace, name) -> pod templates, one per revision
+    serving = _Delegate("service", "serving")  # (namespace, name) -> the template whose pods answer the Service
+    service_behaviour = _Delegate("service", "behaviour")  # behaviour(template) -> {"dim", "status", "delay_s"}
+    created = _Delegate("api", "created")  # every pod as it was created
+    requests = _Delegate("rbac", "requests")  # (verb, resource) of the worker's calls
+    denied = _Delegate("rbac", "denied")  # the worker's calls the Role refused
+
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None):
+        self.workdir = workdir
+        self.store = Store()
+        self.kubelet = Kubelet(self.store, workdir, dict(os.environ if env is None else env))
+        self.service = ServingService(self.store)
+        self.controller = DeploymentController(self.store, self.service.serve)
+        self.api = ApiServer(self.store, self.kubelet, self.controller)
+        self.rbac = Rbac()
+        self.url = ""  # the worker's API server
+        self.operator_url = ""
+        self._service_url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runners: list[web.AppRunner] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> KubeEmulator:
+        ready = threading.Event()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            try:
+                self._loop.run_until_complete(self._serve())
+            except BaseException as exc:
+                failed.append(exc)
+                return
+            finally:
+                ready.set()
+            self._loop.run_forever()
+
+        threading.Thread(target=run, daemon=True, name="kube-emulator").start()
+        if not ready.wait(30) or failed:
+            raise RuntimeError("the Kubernetes emulator did not start") from (failed[0] if failed else None)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+
+        async def stop() -> None:
+            self.store.stop()  # watch streams end
+            for runner in self._runners:
+                await runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(stop(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _serve(self) -> None:
+        self.url = await self._listen(self.api.app(middlewares=[self.rbac.middleware, self.api.inject_faults]))
+        self.operator_url = await self._listen(self.api.app())
+        self._service_url = await self._listen(self.service.app())
+
+    async def _listen(self, app: web.Application) -> str:
+        # handler_cancellation: a handler that streams (a watch, a followed log) is cancelled when its client goes.
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self._runners.append(runner)
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    def _in_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the emulator's loop, where the roles' state lives, and return its result."""
+        async def call() -> Any:
+            return fn(*args)
+
+        assert self._loop is not None, "start() the emulator first"
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(30)
+
+    def kubeconfig(self, path: Path, namespace: str = "retrain", user: str = "airflow-worker") -> Path:
+        """A kubeconfig for ``user``: ``airflow-worker`` (the project's Role: no watch, every call
+        recorded) or ``operator`` (a person running kubectl: may watch, calls not recorded)."""
+        server = self.url if user == "airflow-worker" else self.operator_url
+        path.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": server}}],
+            "users": [{"name": "emulator", "user": {}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
+                                                          "namespace": namespace}}],
+        }))
+        return path
+
+    def service_url(self, namespace: str, name: str) -> str:
+        """Where the Service in front of the Deployment ``name`` answers."""
+        return f"{self._service_url}/{namespace}/{name}"
+
+    # ---- test controls ---------------------------------------------------------------------------
+    def add_secret(self, namespace: str, name: str, data: dict[str, str]) -> None:
+        self.kubelet.secrets[(namespace, name)] = dict(data)
+
+    def fail_next(self, count: int, status: int = 503) -> None:
+        """Answer the worker's next ``count`` API requests with ``status``."""
+        self.api.faults.extend([status] * count)
+
+    @property
+    def faults_pending(self) -> int:
+        return len(self.api.faults)
+
+    def add_deployment(self, deployment: dict, ready: Callable[[dict], bool] | None = None) -> None:
+        """Create a Deployment already rolled out; ``ready(pod_template)`` says if its new pods become ready."""
+        self._in_loop(self.controller.add, deployment, ready)
+
+    def preempt(self, namespace: str, name: str, reason: str = "TerminationByKubelet") -> None:
+        """What a node's shutdown does to a running pod: the ``DisruptionTarget`` condition, then SIGTERM."""
+        self._in_loop(self.kubelet.preempt, namespace, name, reason)
+
+    # ---- what a test reads -----------------------------------------------------------------------
+    def deployment(self, namespace: str, name: str) -> dict:
+        return self._in_loop(lambda: copy.deepcopy(self.store.objects[("deployments", namespace, name)]))
+
+    def pods(self, namespace: str = "retrain") -> list[dict]:
+        return self._in_loop(lambda: copy.deepcopy(self.store.items("pods", namespace)))
+
+    def logs_of(self, namespace: str, name: str) -> str:
+        return "".join(self.kubelet.containers[(namespace, name)].log)
+
+    def verbs(self) -> set[tuple[str, str]]:
+        return self.rbac.verbs()

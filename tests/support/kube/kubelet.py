@@ -1,0 +1,194 @@
+"""The fake kubelet: runs each pod's base container as a local subprocess and reports it as a kubelet does.
+
+It "schedules" each new pod (a pod that asks for more ``nvidia.com/gpu`` than the node has stays Pending
+with a ``FailedScheduling`` event), then runs the base container's command: ``python`` is this
+interpreter, ``envFrom`` Secrets come from :attr:`Kubelet.secrets`, and ``/airflow/xcom`` is a folder per
+pod. The pod goes Pending → Running → Succeeded/Failed with container statuses as a real kubelet reports
+them. It serves ``pods/log`` (the API server proxies it) and can be made to preempt a pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from .store import Changes, Store, condition, now, status_response
+
+XCOM_PATH = "/airflow/xcom"
+SIDECAR = "airflow-xcom-sidecar"
+NODE = "emulated-node"
+
+
+@dataclass
+class Container:
+    """The base container of one pod: its process, its log lines so far, and its exit code once it ended."""
+
+    log: list[str] = field(default_factory=list)
+    exit_code: int | None = None
+    proc: asyncio.subprocess.Process | None = None
+    changes: Changes = field(default_factory=Changes)  # a line was logged, or the container ended
+
+
+class Kubelet:
+    def __init__(self, store: Store, workdir: Path, env: dict[str, str]):
+        self.store = store
+        self.workdir = workdir
+        self.env = env
+        self.gpus = 0  # nvidia.com/gpu the node has
+        self.secrets: dict[tuple[str, str], dict[str, str]] = {}
+        self.containers: dict[tuple[str, str], Container] = {}
+
+    def xcom_dir(self, ns: str, name: str) -> Path:
+        """The pod's ``/airflow/xcom``, shared by its base container and the XCom sidecar."""
+        return self.workdir / "pods" / ns / name / "xcom"
+
+    # ---- what the API server asks of it ---------------------------------------------------------
+    def start(self, ns: str, name: str) -> None:
+        """A pod was created: schedule it and run its base container."""
+        self.containers[(ns, name)] = Container()
+        self.store.spawn(self._run(ns, name))
+
+    def kill(self, ns: str, name: str) -> None:
+        """The pod was deleted: kill its container at once."""
+        container = self.containers.get((ns, name))
+        if container is not None and container.proc is not None and container.proc.returncode is None:
+            container.proc.kill()
+
+    def preempt(self, ns: str, name: str, reason: str) -> None:
+        """What a node's shutdown does to a running pod: the ``DisruptionTarget`` condition, then SIGTERM.
+
+        The container's exit code is then reported as for any other exit (the grace period is the time it takes).
+        """
+        pod = self.store.objects[("pods", ns, name)]
+        pod["status"].setdefault("conditions", []).append(condition(
+            "DisruptionTarget", "True", reason, "Pod was terminated in response to imminent node shutdown."))
+        self.store.bump(pod)
+        self.store.event(ns, name, "Killing", "Stopping container base", "Normal")
+        proc = self.containers[(ns, name)].proc
+        assert proc is not None, f"pod {ns}/{name} has no running container to preempt"
+        proc.send_signal(signal.SIGTERM)
+
+    def stop_sidecar(self, ns: str, name: str) -> None:
+        """The XCom sidecar was told to exit (over exec): it terminates with 0."""
+        pod = self.store.objects.get(("pods", ns, name))
+        if pod is None:
+            return
+        for st in pod["status"].get("containerStatuses", []):
+            if st["name"] == SIDECAR:
+                st.update(ready=False, started=False, state={"terminated": {
+                    "exitCode": 0, "reason": "Completed", "startedAt": now(), "finishedAt": now()}})
+        self._settle(pod)
+
+    async def pod_log(self, request: web.Request) -> web.StreamResponse:
+        """``GET pods/{name}/log``: ``timestamps`` prefixes each line; ``follow`` streams until the container ends."""
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        container = self.containers.get((ns, name))
+        if container is None or ("pods", ns, name) not in self.store.objects:
+            return status_response(404, "NotFound", f'pods "{name}" not found')
+        stamp = request.query.get("timestamps") in ("true", "True", "1")
+        follow = request.query.get("follow") in ("true", "True", "1")
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await resp.prepare(request)
+        sent = 0
+        while True:
+            seen = container.changes.count
+            while sent < len(container.log):
+                line = container.log[sent]
+                sent += 1
+                await resp.write(((now().replace("Z", ".000000000Z") + " ") if stamp else "").encode() + line.encode())
+            if container.exit_code is not None or not follow:
+                break
+            await container.changes.wait_past(seen)
+        await resp.write_eof()
+        return resp
+
+    # ---- the pod's life --------------------------------------------------------------------------
+    def _settle(self, pod: dict) -> None:
+        """Phase from container states, as the kubelet reports it."""
+        states = [st["state"] for st in pod["status"].get("containerStatuses", [])]
+        if states and all("terminated" in s for s in states):
+            base = next(st for st in pod["status"]["containerStatuses"] if st["name"] != SIDECAR)
+            pod["status"]["phase"] = "Succeeded" if base["state"]["terminated"]["exitCode"] == 0 else "Failed"
+        self.store.bump(pod)
+
+    def _resolve_env(self, ns: str, spec: dict) -> dict[str, str]:
+        env = dict(self.env)
+        for source in spec.get("envFrom", []):
+            ref = source.get("secretRef") or {}
+            data = self.secrets.get((ns, ref.get("name", "")))
+            if data is None and not ref.get("optional"):
+                raise LookupError(f'secret "{ref.get("name")}" not found')
+            env.update(data or {})
+        for var in spec.get("env", []):
+            env[var["name"]] = var.get("value", "")
+        return env
+
+    @staticmethod
+    def _gpus_requested(spec: dict) -> int:
+        limits = (spec.get("resources") or {}).get("limits") or {}
+        return int(limits.get("nvidia.com/gpu", 0))
+
+    @staticmethod
+    def _waiting(name: str, reason: str) -> dict:
+        return {"name": name, "ready": False, "restartCount": 0, "image": "", "imageID": "",
+                "state": {"waiting": {"reason": reason}}}
+
+    def _schedule(self, ns: str, name: str, pod: dict, base: dict) -> bool:
+        if self._gpus_requested(base) > self.gpus:
+            message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+            pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                            "message": message}]
+            self.store.event(ns, name, "FailedScheduling", message, "Warning")
+            self.store.bump(pod)
+            return False
+        pod["spec"]["nodeName"] = NODE
+        pod["status"]["conditions"] = [{"type": "PodScheduled", "status": "True"}]
+        self.store.event(ns, name, "Scheduled", f"Successfully assigned {ns}/{name} to {NODE}")
+        return True
+
+    async def _run(self, ns: str, name: str) -> None:
+        pod = self.store.objects[("pods", ns, name)]
+        spec = pod["spec"]["containers"]
+        base = next(c for c in spec if c["name"] != SIDECAR)
+        container = self.containers[(ns, name)]
+        if not self._schedule(ns, name, pod, base):
+            return
+        try:
+            env = self._resolve_env(ns, base)
+        except LookupError as exc:
+            pod["status"]["containerStatuses"] = [self._waiting(c["name"], "CreateContainerConfigError") for c in spec]
+            self.store.event(ns, name, "Failed", f"Error: {exc}", "Warning")
+            self.store.bump(pod)
+            return
+        xcom = self.xcom_dir(ns, name)
+        xcom.mkdir(parents=True, exist_ok=True)
+        env["EMBEDDER_RESULT_PATH"] = str(xcom / "return.json")
+        cmd = [*(base.get("command") or []), *(base.get("args") or [])]
+        if cmd and cmd[0] == "python":
+            cmd[0] = sys.executable
+        started = now()
+        pod["status"].update(phase="Running", startTime=started, containerStatuses=[
+            {"name": c["name"], "ready": True, "started": True, "restartCount": 0, "image": c["image"],
+             "imageID": "", "state": {"running": {"startedAt": started}}} for c in spec])
+        self.store.bump(pod)
+        proc = container.proc = await asyncio.create_subprocess_exec(
+            *cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.workdir)
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            container.log.append(line.decode(errors="replace"))
+            container.changes.advance()
+        code = await proc.wait()
+        container.exit_code = code
+        container.changes.advance()
+        for st in pod["status"]["containerStatuses"]:
+            if st["name"] == base["name"]:
+                st.update(ready=False, started=False, state={"terminated": {
+                    "exitCode": code, "reason": "Completed" if code == 0 else "Error",
+                    "startedAt": started, "finishedAt": now()}})
+        self._settle(pod)
