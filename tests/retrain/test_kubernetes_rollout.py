@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 
 from retrain import rollout
 from retrain.settings import Settings
+from retrain.waiting import poll
 from retrain_contract.results import PromoteResult
 from tests.support.kube import KubeEmulator
 
@@ -69,9 +70,8 @@ class Kubectl:
         self.thread.start()
 
     def _run(self, emulator, revision: int) -> None:
-        while int(emulator.deployment("retrain", "embedder-serving")["metadata"]["annotations"][
-                "deployment.kubernetes.io/revision"]) < revision:
-            time.sleep(0.01)
+        poll(lambda: int(emulator.deployment("retrain", "embedder-serving")["metadata"]["annotations"][
+            "deployment.kubernetes.io/revision"]) >= revision, timeout_s=60, interval_s=0.01, what=f"revision {revision}")
         self.result = rollout_status(self.kubeconfig)
 
     def verdict(self) -> subprocess.CompletedProcess:
@@ -178,7 +178,7 @@ def test_a_later_rollout_closes_the_previous_serving_record(cluster, registry):
     mlflow_client, promotion = registry
     rollout.roll_out_champion(settings, promotion, "r1", mlflow_client, deployment)
     between = int(time.time() * 1000)
-    time.sleep(0.05)
+    poll(lambda: int(time.time() * 1000) > between, timeout_s=1, interval_s=0.001, what="the clock's next millisecond")
     mlflow_client.create_model_version(MODEL, source="file:///models/embedder")
     rollout.roll_out_champion(settings, {**promotion, "champion": "3", "previous_champion": "2"}, "r2", mlflow_client,
                               deployment)
@@ -265,10 +265,11 @@ def test_a_retry_after_the_task_was_killed_mid_wait_makes_no_new_revision(cluste
         emulator.pod_ready = lambda template: version_of(template) != "2"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_WAIT, str(emulator.kubeconfig(tmp_path / "worker")),
                              str(tmp_path), settings.serving_url], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    while served_version(emulator) != "2":
+    def patched() -> bool:  # the first attempt has patched the Deployment and is waiting for it
         assert proc.poll() is None
-        time.sleep(0.01)
-    time.sleep(0.2)
+        return served_version(emulator) == "2"
+
+    poll(patched, timeout_s=60, interval_s=0.01, what="the first attempt's patch")
     proc.send_signal(signal.SIGKILL)  # the worker is lost while the first attempt waits
     proc.wait(10)
     assert len(emulator.revisions[("retrain", "embedder-serving")]) == 2
