@@ -63,6 +63,7 @@ with DAG(
         *param_arguments(params.TRAINING),
         "--checkpoint-root", settings.checkpoint_root,
         "--checkpoint-every-steps", str(settings.checkpoint_every_steps),
+        "--checkpoint-retention-days", f"{settings.checkpoint_retention_days:g}",
         *common], settings)
     evaluate = stage_operator("evaluate", [
         "--manifest-uri", PrepareResult.pull("manifest_uri"),

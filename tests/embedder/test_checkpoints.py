@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 
 from embedder import checkpoint
 from embedder.checkpoint import CheckpointStore
+from retrain.waiting import poll
 from retrain_contract import storage
 
 EXIT_PREEMPTED = 75
@@ -86,6 +87,68 @@ def test_a_bit_flipped_latest_checkpoint_is_detected_and_the_previous_one_used(w
     assert "ckpt-000000020.pt skipped: sha256 mismatch" in restored.skipped[0]
     assert "the file is corrupt" in caplog.text
     assert store.manifest.mlflow_run_id == "run-1"
+
+
+def files(uri: str) -> list[str]:
+    try:
+        return storage.list_files(uri)
+    except storage.StorageError:  # S3: nothing left under the prefix
+        return []
+
+
+def test_a_finished_run_records_when_it_completed(tmp_path):
+    store = saved_store(tmp_path.as_uri())
+    before = datetime.now(UTC).replace(microsecond=0)
+    store.complete({"model_uri": "models:/m-1"})
+    manifest = CheckpointStore(tmp_path.as_uri()).read_manifest()
+    assert manifest.completed == {"model_uri": "models:/m-1"}
+    assert before <= datetime.fromisoformat(manifest.completed_at) <= datetime.now(UTC)
+    assert manifest.completed_time() == datetime.fromisoformat(manifest.completed_at)
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_retention_deletes_only_the_checkpoints_of_runs_finished_more_than_n_days_ago(where, tmp_path, request):
+    if where == "s3":
+        direct, _ = request.getfixturevalue("s3")
+        direct.create_bucket(Bucket="ckpt")
+        root = "s3://ckpt/checkpoints"
+    else:
+        root = (tmp_path / "checkpoints").as_uri()
+    now = datetime.now(UTC)
+    runs = {name: checkpoint.run_location(root, "retrain_embedder", name)
+            for name in ("old", "recent", "unfinished", "legacy")}
+    for uri in runs.values():
+        saved_store(uri)
+    CheckpointStore(runs["old"]).complete({"model_uri": "models:/m-old"}, at=now - timedelta(days=10))
+    CheckpointStore(runs["recent"]).complete({"model_uri": "models:/m-recent"}, at=now - timedelta(days=2))
+    # Finished before completion times were recorded: its newest checkpoint's time stands in for it.
+    legacy = CheckpointStore(runs["legacy"]).read_manifest()
+    legacy.completed = {"model_uri": "models:/m-legacy"}
+    legacy.checkpoints = [r.__class__(**{**vars(r), "saved_at": (now - timedelta(days=9)).isoformat()})
+                          for r in legacy.checkpoints]
+    storage.write_bytes(storage.join(runs["legacy"], "latest.json"), legacy.to_json().encode())
+    storage.write_bytes(storage.join(runs["legacy"], "ckpt-000000005.pt"), b"an orphan no manifest names")
+    other_dag = checkpoint.run_location(root, "other_dag", "old")
+    saved_store(other_dag).complete({"model_uri": "models:/m-other"}, at=now - timedelta(days=30))
+
+    cleaned = checkpoint.delete_expired_checkpoints(checkpoint.dag_location(root, "retrain_embedder"),
+                                                    older_than=timedelta(days=7))
+
+    assert sorted(cleaned) == sorted([runs["old"], runs["legacy"]])
+    for name in ("old", "legacy"):
+        assert files(runs[name]) == ["latest.json"], name
+        manifest = CheckpointStore(runs[name]).read_manifest()
+        assert manifest.completed == {"model_uri": f"models:/m-{name}"}  # a retry still returns the result
+        assert (manifest.checkpoints, manifest.best) == ([], None)
+    for uri in (runs["recent"], runs["unfinished"], other_dag):
+        assert files(uri) == ["ckpt-000000010.pt", "ckpt-000000020.pt", "latest.json"], uri
+    assert CheckpointStore(runs["unfinished"]).restore("v1", "cfg").record.name == "ckpt-000000020.pt"
+    # Nothing is ever deleted from a run that has not finished, even with no retention at all.
+    assert checkpoint.delete_expired_checkpoints(checkpoint.dag_location(root, "retrain_embedder"),
+                                                 older_than=timedelta(0)) == [runs["recent"]]
+    assert files(runs["unfinished"]) == ["ckpt-000000010.pt", "ckpt-000000020.pt", "latest.json"]
+    with pytest.raises(checkpoint.CheckpointError, match="has not finished"):
+        CheckpointStore(runs["unfinished"]).delete_checkpoints()
 
 
 def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path, caplog):
@@ -182,21 +245,41 @@ def final_weights(workspace, run_id: str) -> dict[str, torch.Tensor]:
     return restored.state["model"]
 
 
-def start(workspace, run_id: str, *extra: str) -> subprocess.Popen:
+class Running:
+    """A stage process started in the background; its output goes to a file, so it never blocks on a full pipe."""
+
+    def __init__(self, cmd: list[str], env: dict, cwd: Path, log: Path):
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_until(self, condition, what: str, timeout: float = 300):
+        """``condition()``'s first true value, polled while the process runs; fails naming ``what`` otherwise."""
+
+        def check():
+            value = condition()
+            assert value or self.proc.poll() is None, f"exited ({self.proc.returncode}) before {what}: " \
+                                                      f"{self.output()[-4000:]}"
+            return value
+
+        return poll(check, timeout_s=timeout, interval_s=0.01, what=what)
+
+
+def start(workspace, run_id: str, *extra: str) -> Running:
     home, env, _ = workspace
     cmd, _ = train_cmd(workspace, run_id, *extra)
-    return subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return Running(cmd, env, home, home / f"{run_id}-{len(list(home.glob(f'{run_id}-*.log')))}.log")
 
 
-def wait_for_checkpoint(store: CheckpointStore, proc: subprocess.Popen, epoch: int, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_for_checkpoint(store: CheckpointStore, stage: Running, epoch: int, timeout: float = 300):
+    def saved():
         manifest = store.read_manifest()
-        if manifest and any(r.epoch == epoch and r.batch == 0 for r in manifest.checkpoints):
-            return manifest
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        time.sleep(0.05)
-    pytest.fail(f"no end-of-epoch-{epoch} checkpoint within {timeout} s")
+        return manifest if manifest and any(r.epoch == epoch and r.batch == 0 for r in manifest.checkpoints) else None
+
+    return stage.wait_until(saved, f"the end-of-epoch-{epoch} checkpoint", timeout)
 
 
 def metric_steps(run_id: str, key: str, tracking_uri: str) -> list[int]:
@@ -213,10 +296,10 @@ def reference(workspace):
 @pytest.mark.training
 def test_sigkill_after_epoch_2_of_4_resumes_to_the_uninterrupted_weights(workspace, reference):
     _, env, _ = workspace
-    proc = start(workspace, "killed", "--checkpoint-every-steps", "0")
-    manifest = wait_for_checkpoint(store_of(workspace, "killed"), proc, epoch=2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    stage = start(workspace, "killed", "--checkpoint-every-steps", "0")
+    manifest = wait_for_checkpoint(store_of(workspace, "killed"), stage, epoch=2)
+    stage.proc.send_signal(signal.SIGKILL)
+    stage.proc.wait(30)
     run_id = manifest.mlflow_run_id
     assert MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(run_id).info.status == "RUNNING"  # died without a word
 
@@ -240,13 +323,14 @@ def test_sigkill_after_epoch_2_of_4_resumes_to_the_uninterrupted_weights(workspa
 @pytest.mark.training
 def test_sigterm_mid_epoch_saves_a_checkpoint_and_the_next_start_resumes_from_it(workspace, reference):
     _, env, _ = workspace
-    proc = start(workspace, "preempted", "--checkpoint-every-steps", "0")
+    stage = start(workspace, "preempted", "--checkpoint-every-steps", "0", "--progress-every-steps", "1")
     store = store_of(workspace, "preempted")
-    wait_for_checkpoint(store, proc, epoch=1)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == EXIT_PREEMPTED, out[-4000:]
+    wait_for_checkpoint(store, stage, epoch=1)
+    # Mid-way through the second epoch: its second step is done (a progress line every step says so).
+    stage.wait_until(lambda: "epoch 2/4 step 2/35 " in stage.output(), "step 2 of epoch 2")
+    stage.proc.send_signal(signal.SIGTERM)
+    assert stage.proc.wait(120) == EXIT_PREEMPTED, stage.output()[-4000:]
+    out = stage.output()
     assert "SIGTERM received: saving a checkpoint and stopping" in out
     manifest = store.read_manifest()
     newest = manifest.checkpoints[0]
@@ -271,9 +355,32 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_and_the_next_start_resumes_from_it
 
 @pytest.mark.training
 def test_too_many_preemptions_fail_like_an_ordinary_error(workspace):
-    proc = start(workspace, "flapping", "--max-preemptions", "0")
-    wait_for_checkpoint(store_of(workspace, "flapping"), proc, epoch=1)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(120) == EXIT_PREEMPTED
+    stage = start(workspace, "flapping", "--max-preemptions", "0")
+    wait_for_checkpoint(store_of(workspace, "flapping"), stage, epoch=1)
+    stage.proc.send_signal(signal.SIGTERM)
+    assert stage.proc.wait(120) == EXIT_PREEMPTED, stage.output()[-4000:]
     _, out = train(workspace, "flapping", "--max-preemptions", "0", expect=1)
     assert "preempted 1 times (limit --max-preemptions 0)" in out
+
+
+@pytest.mark.training
+def test_zero_retention_days_deletes_the_runs_checkpoints_and_its_retry_still_returns_the_result(workspace):
+    root = (workspace[0] / "checkpoints").as_uri()
+    dag = "retention_zero"  # a DAG of its own: the other tests' runs are not touched
+    finished = checkpoint.run_location(root, dag, "finished-earlier")
+    saved_store(finished).complete({"model_uri": "models:/m-0"})
+    unfinished = checkpoint.run_location(root, dag, "unfinished")
+    saved_store(unfinished)
+    own = checkpoint.run_location(root, dag, "zero")
+    flags = ("--airflow-dag-id", dag, "--epochs", "1", "--checkpoint-retention-days", "0")
+
+    result, out = train(workspace, "zero", *flags)
+
+    assert files(own) == ["latest.json"]
+    manifest = CheckpointStore(own).read_manifest()
+    assert manifest.completed == result and manifest.completed_at and manifest.checkpoints == []
+    assert "checkpoint retention (0 days)" in out
+    assert files(finished) == ["latest.json"]  # finished at least 0 days ago too
+    assert files(unfinished) == ["ckpt-000000010.pt", "ckpt-000000020.pt", "latest.json"]
+    again, out = train(workspace, "zero", *flags)
+    assert again == result and "already finished" in out

@@ -89,6 +89,19 @@ def test_a_file_that_is_not_an_image_is_reported_not_fatal(digits_root, tmp_path
     assert "train/three/notes.png" not in {e.path for e in manifest.entries}
 
 
+def test_a_non_image_quarantine_reason_says_what_the_file_is_without_an_object_repr(digits_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(digits_root, root)
+    (root / "train" / "three" / "notes.png").write_text("meeting notes, not a picture")
+    good = next((root / "train" / "one").glob("*.png")).read_bytes()
+    (root / "train" / "one" / "cut.png").write_bytes(good[: len(good) // 2])
+    reasons = {q.path: q.reason for q in data.scan(root.as_uri()).quarantined}
+    assert reasons["train/three/notes.png"] == (
+        "not a decodable image: not in an image format Pillow can read (cannot identify image file)")
+    assert reasons["train/one/cut.png"].startswith("not a decodable image: OSError: image file is truncated")
+    assert not [r for r in reasons.values() if " object at 0x" in r or "<" in r], reasons
+
+
 def test_layout_without_test_split_is_rejected(digits_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(digits_root / "train", root / "train")

@@ -145,6 +145,7 @@ class Settings:
     retry_delay_s: float = 60.0
     smoke_max_latency_s: float = 2.0
     checkpoint_every_steps: int = 500
+    checkpoint_retention_days: float = 7.0  # finished runs' checkpoint files are deleted this long after
     preemption_delay_s: float = 30.0
     drift: DriftSettings = field(default_factory=DriftSettings)
     pods: PodSettings = field(default_factory=PodSettings)
@@ -187,6 +188,7 @@ class Settings:
             retry_delay_s=_number(env, "RETRAIN_RETRY_DELAY_S", 60.0),
             smoke_max_latency_s=_number(env, "RETRAIN_SMOKE_MAX_LATENCY_S", 2.0),
             checkpoint_every_steps=int(_number(env, "RETRAIN_CHECKPOINT_EVERY_STEPS", 500, inclusive=True)),
+            checkpoint_retention_days=_number(env, "RETRAIN_CHECKPOINT_RETENTION_DAYS", 7.0, inclusive=True),
             preemption_delay_s=_number(env, "RETRAIN_PREEMPTION_DELAY_S", 30.0, inclusive=True),
             drift=DriftSettings.from_env(env, home, defaults),
             pods=PodSettings.from_env(env),

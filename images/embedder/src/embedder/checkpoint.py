@@ -17,7 +17,14 @@ falls back to the previous checkpoint with a warning when one does not match. Th
 the newest ``keep_last`` checkpoints plus the best one by its validation metric.
 
 The manifest also carries what a retry needs beyond the weights: the MLflow run to continue, how
-many times the run was preempted, and, once training finished, the stage's result.
+many times the run was preempted, and, once training finished, the stage's result and when it
+finished.
+
+Retention: the checkpoints of a finished run are only needed until nobody will look at them
+again. :func:`delete_expired_checkpoints` deletes the checkpoint files of every run under a DAG's
+folder that finished at least a given time ago, keeping each one's manifest (with its result, so
+a retry of that run still returns it without training). Runs that have not finished are never
+touched.
 
 Checkpoints are loaded with ``torch.load(weights_only=True)``: tensors, numbers, strings and
 containers only, so a checkpoint cannot run code.
@@ -34,8 +41,8 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -61,7 +68,21 @@ def run_location(root: str, dag_id: str, run_id: str) -> str:
     Airflow run ids hold ``:`` and ``+`` (``scheduled__2026-11-22T02:00:00+00:00``); the replacement
     keeps keys portable across file systems and S3 tooling, and is the same on every retry.
     """
-    return storage.join(root, _UNSAFE.sub("_", dag_id), _UNSAFE.sub("_", run_id))
+    return storage.join(dag_location(root, dag_id), _UNSAFE.sub("_", run_id))
+
+
+def dag_location(root: str, dag_id: str) -> str:
+    """``<root>/<dag id>``: the folder that holds one checkpoint location per run of the DAG."""
+    return storage.join(root, _UNSAFE.sub("_", dag_id))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    """A checkpoint, or what a killed write of one left behind (locally a temporary file)."""
+    return bool(_NAME.match(name)) or (name.startswith(".ckpt-") and name.endswith(".tmp"))
 
 
 @dataclass(frozen=True)
@@ -89,6 +110,7 @@ class Manifest:
     preemptions: int = 0
     resumes: int = 0
     completed: dict[str, Any] | None = None  # the stage result once the model is logged
+    completed_at: str | None = None  # when it was recorded (ISO 8601, UTC)
     format: int = FORMAT
 
     def to_json(self) -> str:
@@ -100,10 +122,30 @@ class Manifest:
         if raw.get("format") != FORMAT:
             raise ValueError(f"manifest format {raw.get('format')!r}, this code reads format {FORMAT}")
         raw["checkpoints"] = [Record(**r) for r in raw.get("checkpoints", [])]
-        return cls(**raw)
+        # Fields a newer version added (same format) are dropped, not fatal: the manifest stays usable.
+        return cls(**{k: v for k, v in raw.items() if k in _MANIFEST_FIELDS})
 
     def matches(self, dataset_version: str, config: str) -> bool:
         return self.dataset_version == dataset_version and self.config == config
+
+    def completed_time(self) -> datetime | None:
+        """When the run finished; None while it has not.
+
+        Manifests written before the time was recorded fall back on their newest checkpoint's time
+        (the last epoch's, saved just before the model was logged); None when they list none.
+        """
+        if self.completed is None:
+            return None
+        stamp = self.completed_at or max((r.saved_at for r in self.checkpoints if r.saved_at), default=None)
+        try:
+            when = datetime.fromisoformat(stamp) if stamp else None
+        except ValueError:
+            log.warning("completion time %r is not an ISO 8601 time; treating the run as unfinished", stamp)
+            return None
+        return when.replace(tzinfo=UTC) if when and when.tzinfo is None else when
+
+
+_MANIFEST_FIELDS = {f.name for f in fields(Manifest)}
 
 
 @dataclass
@@ -166,14 +208,15 @@ class CheckpointStore:
         self._lock = threading.Lock()
         self.manifest: Manifest | None = None
 
-    def _uri(self, name: str) -> str:
+    def uri_of(self, name: str) -> str:
+        """The storage URI of the file ``name`` (a checkpoint or the manifest) in this run's location."""
         return storage.join(self.uri, name)
 
     # -- manifest ------------------------------------------------------------------------------
 
     def read_manifest(self) -> Manifest | None:
         """The saved manifest; None when there is none or it cannot be read (with a warning)."""
-        uri = self._uri(MANIFEST)
+        uri = self.uri_of(MANIFEST)
         if not storage.exists(uri):
             return None
         try:
@@ -183,7 +226,7 @@ class CheckpointStore:
             return None
 
     def _write_manifest(self, manifest: Manifest) -> None:
-        storage.write_bytes(self._uri(MANIFEST), manifest.to_json().encode())
+        storage.write_bytes(self.uri_of(MANIFEST), manifest.to_json().encode())
         self.manifest = manifest
 
     def begin(self, dataset_version: str, config: str, mlflow_run_id: str) -> Manifest:
@@ -205,6 +248,33 @@ class CheckpointStore:
             self._write_manifest(self.manifest)
             return self.manifest
 
+    def complete(self, result: dict[str, Any], at: datetime | None = None) -> Manifest:
+        """Record the run's result and when it finished (``at``, default now): a retry then returns it."""
+        with self._lock:
+            manifest = self.manifest or self.read_manifest()
+            if manifest is None:
+                raise CheckpointError(f"{self.uri}: no manifest yet (call begin first)")
+            manifest.completed = result
+            manifest.completed_at = (at or datetime.now(UTC)).astimezone(UTC).isoformat(timespec="seconds")
+            self._write_manifest(manifest)
+            return manifest
+
+    def delete_checkpoints(self) -> list[str]:
+        """Delete every checkpoint file of this finished run; returns their names.
+
+        The manifest stays, with its result and no checkpoints listed: it is rewritten first, so an
+        interrupted deletion leaves files no manifest names (removed by the next retention pass),
+        never a manifest naming files that are gone. A run that has not finished is refused.
+        """
+        with self._lock:
+            manifest = self.manifest or self.read_manifest()
+            if manifest is None or manifest.completed is None:
+                raise CheckpointError(f"{self.uri}: the run has not finished; its checkpoints are still needed")
+            if manifest.checkpoints or manifest.best:
+                manifest.checkpoints, manifest.best = [], None
+                self._write_manifest(manifest)
+            return self._prune(set())
+
     # -- save ----------------------------------------------------------------------------------
 
     def save(self, state: dict[str, Any], *, global_step: int, epoch: int, batch: int,
@@ -214,11 +284,10 @@ class CheckpointStore:
             raise CheckpointError(f"{self.uri}: no manifest yet (call begin first)")
         data = serialize(state)
         name = f"ckpt-{global_step:09d}.pt"
-        storage.write_bytes(self._uri(name), data)
+        storage.write_bytes(self.uri_of(name), data)
         record = Record(name=name, global_step=global_step, epoch=epoch, batch=batch,
                         sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
-                        dataset_version=self.manifest.dataset_version, metric=metric,
-                        saved_at=datetime.now(UTC).isoformat(timespec="seconds"))
+                        dataset_version=self.manifest.dataset_version, metric=metric, saved_at=_now())
         with self._lock:
             manifest = self.manifest
             kept = [record, *(r for r in manifest.checkpoints if r.name != name)]
@@ -232,17 +301,20 @@ class CheckpointStore:
         self._prune({r.name for r in keep})
         return record
 
-    def _prune(self, keep: set[str]) -> None:
+    def _prune(self, keep: set[str]) -> list[str]:
+        """Delete the checkpoint files not in ``keep`` and stale temporary files; returns their names."""
         try:
             names = storage.list_files(self.uri)
         except storage.StorageError:
-            return
+            return []
+        deleted = []
         for name in names:
             if "/" in name:
                 continue
-            stale_tmp = name.startswith(".ckpt-") and name.endswith(".tmp")
-            if (_NAME.match(name) and name not in keep) or stale_tmp:
-                storage.delete(self._uri(name))
+            if _is_checkpoint_file(name) and name not in keep:
+                storage.delete(self.uri_of(name))
+                deleted.append(name)
+        return deleted
 
     # -- load ----------------------------------------------------------------------------------
 
@@ -265,7 +337,7 @@ class CheckpointStore:
                 reason = "it was saved with a different training configuration"
             else:
                 try:
-                    data = storage.read_bytes(self._uri(record.name))
+                    data = storage.read_bytes(self.uri_of(record.name))
                 except storage.StorageError as exc:
                     reason = f"unreadable ({exc})"
                 else:
@@ -283,11 +355,49 @@ class CheckpointStore:
                                 reason = f"its state says dataset version {state.get('dataset_version')}"
             if reason is None:
                 return Restored(record, state, skipped)
-            message = f"checkpoint {self._uri(record.name)} skipped: {reason}"
+            message = f"checkpoint {self.uri_of(record.name)} skipped: {reason}"
             log.warning("%s; trying the previous one", message)
             skipped.append(message)
         log.warning("no usable checkpoint in %s; training starts from the beginning", self.uri)
         return None
+
+
+def delete_expired_checkpoints(dag_uri: str, older_than: timedelta, now: datetime | None = None) -> list[str]:
+    """Delete the checkpoint files of every run under ``dag_uri`` that finished at least ``older_than`` ago.
+
+    ``dag_uri`` is a DAG's folder (:func:`dag_location`), holding one location per run. Each
+    cleaned run keeps its manifest (see :meth:`CheckpointStore.delete_checkpoints`). Runs without
+    a manifest, with an unreadable one, or that have not finished are left alone. Returns the
+    locations of the runs whose checkpoint files were deleted.
+    """
+    cutoff = (now or datetime.now(UTC)) - older_than
+    try:
+        names = storage.list_files(dag_uri)
+    except storage.StorageError:  # no run has saved anything yet
+        return []
+    holding: dict[str, set[str]] = {}  # run folder -> its files
+    for name in names:
+        run, _, rest = name.partition("/")
+        if rest and "/" not in rest:
+            holding.setdefault(run, set()).add(rest)
+    cleaned = []
+    for run, run_files in sorted(holding.items()):
+        if MANIFEST not in run_files or not any(_is_checkpoint_file(f) for f in run_files):
+            continue
+        store = CheckpointStore(storage.join(dag_uri, run))
+        try:
+            manifest = store.manifest = store.read_manifest()
+            finished = manifest.completed_time() if manifest else None
+            if finished is None or finished > cutoff:
+                continue
+            deleted = store.delete_checkpoints()
+        except Exception as exc:  # one run's storage trouble does not keep the others' files forever
+            log.warning("checkpoint retention: %s skipped (%s: %s)", store.uri, type(exc).__name__, exc)
+            continue
+        log.info("checkpoint retention: %s finished %s; deleted %s", store.uri, finished.isoformat(),
+                 ", ".join(deleted) or "nothing")
+        cleaned.append(store.uri)
+    return cleaned
 
 
 class AsyncCheckpointer:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import io
+import re
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
 # torchvision's ImageNet statistics: right for pretrained weights, harmless from scratch.
@@ -14,6 +15,9 @@ AUGMENTATIONS = ("none", "crop", "crop-flip")
 
 
 DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000: far beyond any training image, far below a bomb
+# Pillow names the stream it read in some messages ("cannot identify image file <_io.BytesIO object at
+# 0x7f...>"): an address that says nothing about the file and differs on every run.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 class ImageRejected(ValueError):
@@ -48,9 +52,16 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Ima
     except ImageRejected:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageRejected(f"decompression bomb: {exc}") from None
+        raise ImageRejected(f"decompression bomb: {_describe(exc)}") from None
+    except UnidentifiedImageError as exc:  # no format Pillow knows recognises the bytes
+        raise ImageRejected(f"not a decodable image: not in an image format Pillow can read ({_describe(exc)})") from None
     except Exception as exc:  # PIL raises many types for undecodable or truncated data
-        raise ImageRejected(f"not a decodable image: {type(exc).__name__}: {exc}") from None
+        raise ImageRejected(f"not a decodable image: {type(exc).__name__}: {_describe(exc)}") from None
+
+
+def _describe(exc: Exception) -> str:
+    """The exception's message without object reprs (which carry a memory address, not a reason)."""
+    return _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -15,21 +15,26 @@ finishes the current step, saves a checkpoint and exits with ``EXIT_PREEMPTED``,
 turns into a reschedule rather than a retry. Training is reproducible across such interruptions:
 each epoch's order and each image's augmentation are drawn from generators seeded by
 ``(seed, epoch, index)``, not from history, so with ``--deterministic`` a resumed run ends with the
-same weights as an uninterrupted one.
+same weights as an uninterrupted one. When training finishes, the checkpoint files of the DAG's runs
+that finished at least ``--checkpoint-retention-days`` ago are deleted (with 0, this run's at
+once); each run's small manifest stays, so a retry of a finished run still returns its result.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import signal
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +83,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoint-every-steps", type=int, default=500,
                        help="save every N optimizer steps, besides every epoch end (0: epoch ends only)")
     group.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept, besides the best one")
+    group.add_argument("--checkpoint-retention-days", type=float, default=7.0,
+                       help="when training finishes, delete the checkpoint files of this DAG's runs that finished at "
+                            "least this many days ago, keeping their manifests (0: this run's at once too; inf: never)")
     group.add_argument("--max-preemptions", type=int, default=20,
                        help="after this many SIGTERM stops the run fails like any other error")
     group.add_argument("--log-every-steps", type=int, default=10, help="log the batch loss to MLflow every N steps")
@@ -93,6 +101,8 @@ def validate_args(args: argparse.Namespace) -> None:
                           ("max_preemptions", 0), ("progress_every_steps", 1), ("progress_every_s", 0)):
         if getattr(args, name) < minimum:
             raise stage.StageInputError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
+    if math.isnan(args.checkpoint_retention_days) or args.checkpoint_retention_days < 0:
+        raise stage.StageInputError(f"--checkpoint-retention-days must be at least 0, got {args.checkpoint_retention_days}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise stage.StageInputError("--device cuda, but no CUDA device is visible (check the GPU request and driver)")
 
@@ -457,13 +467,9 @@ def fit(trainer: Trainer, progress: Progress, args: argparse.Namespace, train_lo
                 meter.sync()
                 save()
         meter.sync()
-        trainer.scheduler.step()
-        seen = progress.seen
-        stats = EpochStats(progress.loss_sum / seen, progress.correct / seen, seen, progress.seconds)
-        last = {"train_loss": stats.loss, "train_accuracy": stats.accuracy, "images_per_sec": stats.images_per_sec,
-                "epoch_seconds": stats.seconds, "learning_rate": trainer.scheduler.get_last_lr()[0]}
-        if val_loader is not None:
-            last["val_accuracy"] = accuracy(trainer.net, val_loader, trainer.device)
+        learning_rate = trainer.scheduler.get_last_lr()[0]  # the rate this epoch trained with
+        trainer.scheduler.step()  # the next epoch's
+        last = epoch_metrics(progress, learning_rate, trainer, val_loader)
         log.info("epoch %d/%d: %s", epoch + 1, args.epochs, ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
         if metrics:
             metrics.add(last, epoch + 1)
@@ -473,6 +479,18 @@ def fit(trainer: Trainer, progress: Progress, args: argparse.Namespace, train_lo
         if stop.requested:
             raise stage.StagePreempted(f"SIGTERM during epoch {epoch + 1}; its end-of-epoch checkpoint is saved")
     return last
+
+
+def epoch_metrics(progress: Progress, learning_rate: float, trainer: Trainer,
+                  val_loader: DataLoader | None) -> dict[str, float]:
+    """The metrics of the epoch ``progress`` has just completed (validation accuracy when there is a ``val`` split)."""
+    seen = progress.seen
+    stats = EpochStats(progress.loss_sum / seen, progress.correct / seen, seen, progress.seconds)
+    metrics = {"train_loss": stats.loss, "train_accuracy": stats.accuracy, "images_per_sec": stats.images_per_sec,
+               "epoch_seconds": stats.seconds, "learning_rate": learning_rate}
+    if val_loader is not None:
+        metrics["val_accuracy"] = accuracy(trainer.net, val_loader, trainer.device)
+    return metrics
 
 
 def signature(image_size: int, dim: int) -> ModelSignature:
@@ -500,6 +518,23 @@ def log_model(net: model.Classifier, classes: list[str], dataset_version: str, a
         )
 
 
+# -- the stage: where training starts, the MLflow run, the loop and the export ------------------
+
+
+def configure_torch(args: argparse.Namespace) -> torch.device:
+    """Seed, threads and determinism as the flags say; returns the device to train on."""
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads or model.cpu_budget())
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def checkpoint_location(args: argparse.Namespace) -> str | None:
     if args.checkpoint_uri:
         return args.checkpoint_uri
@@ -508,6 +543,66 @@ def checkpoint_location(args: argparse.Namespace) -> str | None:
     if args.checkpoint_root:
         log.warning("--checkpoint-root without --airflow-run-id: no run to key checkpoints by, so none are saved")
     return None
+
+
+@dataclass
+class Start:
+    """Where this attempt of the run starts training (see :func:`training_start`)."""
+
+    dataset_version: str
+    config: str  # the training configuration's fingerprint
+    location: str | None = None  # this run's checkpoint location
+    store: checkpoint.CheckpointStore | None = None
+    restored: checkpoint.Restored | None = None  # the checkpoint to resume from; None: from the beginning
+    mlflow_run_id: str | None = None  # the MLflow run the saved manifest names
+    finished: TrainResult | None = None  # the result, when this run's training already finished
+    resuming: bool = False  # continuing mlflow_run_id (set when the run is opened, see training_run)
+
+
+def training_start(args: argparse.Namespace, dataset_version: str, config: str) -> Start:
+    """Where training starts: this run's newest usable checkpoint, or the beginning.
+
+    The saved manifest counts only when it is for this data and configuration. When it holds the
+    finished result, that is returned (``finished``) and nothing is loaded; when the run was
+    preempted more than ``--max-preemptions`` times, this raises so the run fails like any error.
+    """
+    start = Start(dataset_version, config, location=checkpoint_location(args))
+    if start.location is None:
+        return start
+    start.store = store = checkpoint.CheckpointStore(start.location, keep_last=args.keep_checkpoints)
+    saved = store.read_manifest()
+    saved = saved if saved and saved.matches(dataset_version, config) else None
+    if saved and saved.completed:
+        log.info("training for this run already finished (%s); returning its result", saved.completed.get("model_uri"))
+        start.finished = TrainResult.from_json(saved.completed)
+        return start
+    if saved and saved.preemptions > args.max_preemptions:
+        raise RuntimeError(f"this run was preempted {saved.preemptions} times (limit --max-preemptions "
+                           f"{args.max_preemptions}); failing so it is retried or looked at")
+    start.restored = store.restore(dataset_version, config)
+    start.mlflow_run_id = saved.mlflow_run_id if saved else None
+    return start
+
+
+def build_model(args: argparse.Namespace, num_classes: int) -> model.Classifier:
+    try:
+        return model.build(args.architecture, num_classes, args.pretrained_weights or None)
+    except ValueError as exc:
+        raise stage.StageInputError(str(exc)) from None
+
+
+def run_params(args: argparse.Namespace, trainer: Trainer, train_loader: DataLoader, num_classes: int,
+               start: Start) -> dict[str, Any]:
+    """What a new MLflow run records as its parameters."""
+    return {
+        "architecture": args.architecture, "image_size": args.image_size, "epochs": args.epochs,
+        "batch_size": args.batch_size, "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
+        "augment": args.augment, "seed": args.seed, "pretrained_weights": args.pretrained_weights or "none",
+        "num_classes": num_classes, "train_images": len(train_loader.dataset),
+        "num_workers": train_loader.num_workers, "threads": torch.get_num_threads(), "device": trainer.device.type,
+        "amp": trainer.amp, "checkpoint_every_steps": args.checkpoint_every_steps,
+        "checkpoint_location": start.location or "none",
+    }
 
 
 def _usable_run(run_id: str | None) -> bool:
@@ -519,118 +614,141 @@ def _usable_run(run_id: str | None) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def training_run(args: argparse.Namespace, start: Start, params: dict[str, Any]) -> Iterator[mlflow.ActiveRun]:
+    """The MLflow run to train in: the saved manifest's run when it still exists (a resume), else a new one.
+
+    Sets ``start.resuming``. A new run gets the dataset input and ``params``; one continued already
+    has them. When the saved run is gone, its checkpoint is not resumed either. The run's id goes
+    into the checkpoint manifest.
+    """
+    start.resuming = _usable_run(start.mlflow_run_id)
+    if start.mlflow_run_id and not start.resuming:
+        log.warning("MLflow run %s of the saved checkpoints is gone; starting a new run", start.mlflow_run_id)
+        start.restored = None
+    tags = {**stage.airflow_tags(args), "stage": "train", "dataset_version": start.dataset_version,
+            "code_version": tracking.code_version(), "image": tracking.image_ref()}
+    with mlflow.start_run(run_id=start.mlflow_run_id if start.resuming else None,
+                          run_name=f"train {args.airflow_run_id or start.dataset_version}", tags=tags) as run:
+        if not start.resuming:
+            mlflow.log_input(tracking.dataset_input(args.manifest_uri, start.dataset_version), context="training")
+            mlflow.log_params(params)
+        if start.store:
+            start.store.begin(start.dataset_version, start.config, run.info.run_id)
+        yield run
+
+
+def restored_progress(trainer: Trainer, start: Start) -> Progress:
+    """Where training stands: the restored checkpoint's progress (its state loaded into ``trainer`` and
+    the RNGs, the run tagged ``resume.*``), or the beginning."""
+    restored, store = start.restored, start.store
+    if restored is None:
+        if start.resuming:
+            log.info("continuing MLflow run %s from the beginning (no usable checkpoint)", start.mlflow_run_id)
+        return Progress()
+    trainer.load_state_dict(restored.state)
+    progress = Progress(**restored.state["progress"])
+    checkpoint.set_rng_state(restored.state["rng"])
+    resumes = store.update(lambda m: setattr(m, "resumes", m.resumes + 1)).resumes
+    where = f"epoch {progress.epoch + 1}, batch {progress.batch}, global step {progress.global_step}"
+    log.info("resuming from %s (%s); resume #%d", store.uri_of(restored.record.name), where, resumes)
+    mlflow.set_tags({"resume.count": resumes, "resume.from_checkpoint": restored.record.name,
+                     "resume.from_step": progress.global_step, "resume.skipped": "; ".join(restored.skipped) or "none"})
+    return progress
+
+
+def train_and_export(args: argparse.Namespace, trainer: Trainer, progress: Progress, train_loader: DataLoader,
+                     val_loader: DataLoader | None, run: mlflow.ActiveRun, start: Start,
+                     classes: list[str]) -> TrainResult:
+    """Train from ``progress`` to the last epoch and log the model; returns the stage's result.
+
+    On SIGTERM (raised as :class:`stage.StagePreempted`) the preemption is counted in the
+    manifest and the run is marked ``KILLED`` before the exception propagates.
+    """
+    store = start.store
+    metrics = MetricLog(run.info.run_id, EPOCH_METRICS + STEP_METRICS, resumed=start.resuming)
+    saver = checkpoint.AsyncCheckpointer(store) if store else None
+    base_state = {"format": checkpoint.FORMAT, "dataset_version": start.dataset_version, "config": start.config,
+                  "mlflow_run_id": run.info.run_id}
+    try:
+        with StopSignal() as stop:
+            try:
+                last = fit(trainer, progress, args, train_loader, val_loader, metrics, saver, stop, base_state)
+            finally:
+                if saver:
+                    saver.flush()
+                metrics.flush()
+            stop.immediate = True
+            if stop.requested:
+                raise stage.StagePreempted("SIGTERM after the last checkpoint; the retry resumes from it")
+            if not last:  # resumed after the last epoch: nothing left but the export
+                last = {k: v for k, v in mlflow.get_run(run.info.run_id).data.metrics.items() if k in EPOCH_METRICS}
+            if metrics.dropped:
+                log.info("%d metric values were already in the run and not logged again", metrics.dropped)
+            if saver:
+                mlflow.log_metrics({"checkpoint_blocking_seconds": saver.blocking_seconds,
+                                    "checkpoint_write_seconds": saver.write_seconds}, step=progress.global_step)
+            info = log_model(trainer.net.cpu(), classes, start.dataset_version, args)
+    except stage.StagePreempted:
+        if store:
+            store.update(lambda m: setattr(m, "preemptions", m.preemptions + 1))
+        mlflow.set_tag("preempted", "true")
+        mlflow.end_run(status="KILLED")
+        raise
+    return TrainResult(
+        mlflow_run_id=run.info.run_id, mlflow_experiment_id=run.info.experiment_id, model_uri=info.model_uri,
+        dataset_version=start.dataset_version, architecture=args.architecture, image_size=args.image_size,
+        embedding_dim=trainer.net.embedder.embedding_dim, final_train_loss=last.get("train_loss"),
+        final_val_accuracy=last.get("val_accuracy"), images_per_sec=last.get("images_per_sec"),
+        resumed=bool(start.restored))
+
+
+def apply_checkpoint_retention(args: argparse.Namespace, store: checkpoint.CheckpointStore) -> None:
+    """Delete checkpoint files of finished runs as ``--checkpoint-retention-days`` says, manifests kept.
+
+    With 0 days this run's go at once; with N, those of every run of this DAG under
+    ``--checkpoint-root`` (this one included) that finished at least N days ago. Runs that have not
+    finished are never touched. Housekeeping after the result is recorded: a failure is logged, not raised.
+    """
+    days = args.checkpoint_retention_days
+    if math.isinf(days):
+        return
+    try:
+        if days == 0:
+            deleted = store.delete_checkpoints()
+            log.info("checkpoint retention (0 days): deleted this run's %s; %s keeps its result",
+                     ", ".join(deleted) or "checkpoints (none left)", store.uri_of(checkpoint.MANIFEST))
+        if args.checkpoint_root and args.airflow_run_id and not args.checkpoint_uri:
+            runs = checkpoint.dag_location(args.checkpoint_root, args.airflow_dag_id or "no-dag")
+            cleaned = checkpoint.delete_expired_checkpoints(runs, older_than=timedelta(days=days))
+            log.info("checkpoint retention (%g days): deleted the checkpoint files of %d finished run(s) under %s",
+                     days, len(cleaned), runs)
+    except Exception as exc:  # the model is logged: never fail the stage for housekeeping
+        log.warning("checkpoint retention failed (%s: %s); a later run's pass deletes what is left",
+                    type(exc).__name__, exc)
+
+
 def main(args: argparse.Namespace) -> TrainResult:
     validate_args(args)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads or model.cpu_budget())
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
+    device = configure_torch(args)
     manifest = data.read_manifest(args.manifest_uri)
-    version = manifest.dataset_version
     classes = manifest.classes
-    class_to_idx = {c: i for i, c in enumerate(classes)}
-    config = config_fingerprint(args, classes)
+    start = training_start(args, manifest.dataset_version, config_fingerprint(args, classes))
+    if start.finished:
+        return start.finished
 
-    location = checkpoint_location(args)
-    store = checkpoint.CheckpointStore(location, keep_last=args.keep_checkpoints) if location else None
-    restored = store.restore(version, config) if store else None
-    # The saved manifest counts only when it is for this data and configuration.
-    saved = store.manifest if store and store.manifest and store.manifest.matches(version, config) else None
-    if saved and saved.completed:
-        log.info("training for this run already finished (%s); returning its result", saved.completed.get("model_uri"))
-        return TrainResult.from_json(saved.completed)
-    if saved and saved.preemptions > args.max_preemptions:
-        raise RuntimeError(f"this run was preempted {saved.preemptions} times (limit --max-preemptions "
-                           f"{args.max_preemptions}); failing so it is retried or looked at")
-
-    try:
-        net = model.build(args.architecture, len(classes), args.pretrained_weights or None)
-    except ValueError as exc:
-        raise stage.StageInputError(str(exc)) from None
-    train_loader, val_loader = make_loaders(manifest, class_to_idx, args, pin_memory=device.type == "cuda")
+    net = build_model(args, len(classes))
+    train_loader, val_loader = make_loaders(manifest, {c: i for i, c in enumerate(classes)}, args,
+                                            pin_memory=device.type == "cuda")
     trainer = Trainer(net, args, device)
-    progress = Progress()
-
-    tags = {**stage.airflow_tags(args), "stage": "train", "dataset_version": version,
-            "code_version": tracking.code_version(), "image": tracking.image_ref()}
     tracking.use_experiment(args.experiment)
-    run_id = saved.mlflow_run_id if saved else None
-    resuming = _usable_run(run_id)
-    if run_id and not resuming:
-        log.warning("MLflow run %s of the saved checkpoints is gone; starting a new run", run_id)
-        restored = None
-    with mlflow.start_run(run_id=run_id if resuming else None, run_name=f"train {args.airflow_run_id or version}",
-                          tags=tags) as run:
-        if not resuming:
-            mlflow.log_input(tracking.dataset_input(args.manifest_uri, version), context="training")
-            mlflow.log_params({
-                "architecture": args.architecture, "image_size": args.image_size, "epochs": args.epochs,
-                "batch_size": args.batch_size, "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
-                "augment": args.augment, "seed": args.seed, "pretrained_weights": args.pretrained_weights or "none",
-                "num_classes": len(classes), "train_images": len(train_loader.dataset),
-                "num_workers": train_loader.num_workers, "threads": torch.get_num_threads(), "device": device.type,
-                "amp": trainer.amp, "checkpoint_every_steps": args.checkpoint_every_steps,
-                "checkpoint_location": location or "none",
-            })
-        if store:
-            store.begin(version, config, run.info.run_id)
-        if restored:
-            trainer.load_state_dict(restored.state)
-            progress = Progress(**restored.state["progress"])
-            checkpoint.set_rng_state(restored.state["rng"])
-            resumes = store.update(lambda m: setattr(m, "resumes", m.resumes + 1)).resumes
-            where = f"epoch {progress.epoch + 1}, batch {progress.batch}, global step {progress.global_step}"
-            log.info("resuming from %s (%s); resume #%d", store._uri(restored.record.name), where, resumes)
-            mlflow.set_tags({"resume.count": resumes, "resume.from_checkpoint": restored.record.name,
-                             "resume.from_step": progress.global_step,
-                             "resume.skipped": "; ".join(restored.skipped) or "none"})
-        elif resuming:
-            log.info("continuing MLflow run %s from the beginning (no usable checkpoint)", run_id)
-
-        metrics = MetricLog(run.info.run_id, EPOCH_METRICS + STEP_METRICS, resumed=resuming)
-        saver = checkpoint.AsyncCheckpointer(store) if store else None
-        base_state = {"format": checkpoint.FORMAT, "dataset_version": version, "config": config,
-                      "mlflow_run_id": run.info.run_id}
-        try:
-            with StopSignal() as stop:
-                try:
-                    last = fit(trainer, progress, args, train_loader, val_loader, metrics, saver, stop, base_state)
-                finally:
-                    if saver:
-                        saver.flush()
-                    metrics.flush()
-                stop.immediate = True
-                if stop.requested:
-                    raise stage.StagePreempted("SIGTERM after the last checkpoint; the retry resumes from it")
-                if not last:  # resumed after the last epoch: nothing left but the export
-                    last = {k: v for k, v in mlflow.get_run(run.info.run_id).data.metrics.items() if k in EPOCH_METRICS}
-                if metrics.dropped:
-                    log.info("%d metric values were already in the run and not logged again", metrics.dropped)
-                if saver:
-                    mlflow.log_metrics({"checkpoint_blocking_seconds": saver.blocking_seconds,
-                                        "checkpoint_write_seconds": saver.write_seconds}, step=progress.global_step)
-                info = log_model(trainer.net.cpu(), classes, version, args)
-        except stage.StagePreempted:
-            if store:
-                store.update(lambda m: setattr(m, "preemptions", m.preemptions + 1))
-            mlflow.set_tag("preempted", "true")
-            mlflow.end_run(status="KILLED")
-            raise
-
-        result = TrainResult(
-            mlflow_run_id=run.info.run_id, mlflow_experiment_id=run.info.experiment_id, model_uri=info.model_uri,
-            dataset_version=version, architecture=args.architecture, image_size=args.image_size,
-            embedding_dim=net.embedder.embedding_dim, final_train_loss=last.get("train_loss"),
-            final_val_accuracy=last.get("val_accuracy"), images_per_sec=last.get("images_per_sec"),
-            resumed=bool(restored))
-        if store:
-            store.update(lambda m: setattr(m, "completed", result.to_json()))
+    with training_run(args, start, run_params(args, trainer, train_loader, len(classes), start)) as run:
+        progress = restored_progress(trainer, start)
+        result = train_and_export(args, trainer, progress, train_loader, val_loader, run, start, classes)
+        if start.store:
+            start.store.complete(result.to_json())
+    if start.store:
+        apply_checkpoint_retention(args, start.store)
     return result
 
 
