@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from embedder.train import Progress, ProgressLog
+from embedder.loop import Progress, ProgressLog
 
 
 class Clock:

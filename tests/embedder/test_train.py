@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from embedder import train
+from embedder import loaders, loop, train
 from embedder.stage import StageInputError
 
 
@@ -53,9 +53,9 @@ def test_each_epochs_learning_rate_metric_is_the_rate_it_trained_with():
     """Cosine annealing to 0 over the epochs: the last epoch trains with a small but non-zero rate."""
     args = tiny_args(epochs=3, learning_rate=0.1)
     torch.manual_seed(0)
-    trainer = train.Trainer(nn.Linear(4, 2), args, torch.device("cpu"))
-    sampler = train.EpochBatchSampler(16, 8, seed=0, drop_last=True)
-    loader = DataLoader(train.SeededDataset(Points(), seed=0), batch_sampler=sampler)
+    trainer = loop.Trainer(nn.Linear(4, 2), args, torch.device("cpu"))
+    sampler = loaders.EpochBatchSampler(16, 8, seed=0, drop_last=True)
+    loader = DataLoader(loaders.SeededDataset(Points(), seed=0), batch_sampler=sampler)
     rates: list[float] = []
     original_step = trainer.optimizer.step
 
@@ -65,7 +65,7 @@ def test_each_epochs_learning_rate_metric_is_the_rate_it_trained_with():
 
     trainer.optimizer.step = step
     recorder = Recorder()
-    last = train.fit(trainer, train.Progress(), args, loader, None, recorder, None, train.StopSignal(), {})
+    last = loop.fit(trainer, loop.Progress(), args, loader, None, recorder, None, loop.StopSignal(), {})
 
     trained_with = [rates[0], rates[2], rates[4]]  # two steps an epoch
     assert trained_with == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)])

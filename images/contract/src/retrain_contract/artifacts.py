@@ -23,10 +23,11 @@ def manifest_path(dataset_version: str) -> tuple[str, ...]:
     return ("datasets", dataset_version, "manifest.json")
 
 
-def checkpoint_path(dag_id: str, run_id: str) -> tuple[str, ...]:
-    """A DAG run's checkpoints, under the checkpoint root: ``<dag id>/<run id>`` with every character outside
-    ``[A-Za-z0-9._=-]`` replaced by ``_`` (run ids hold ``:`` and ``+``), the same on every retry."""
-    return (_UNSAFE.sub("_", dag_id), _UNSAFE.sub("_", run_id))
+def checkpoint_path(dag_id: str, run_id: str | None = None) -> tuple[str, ...]:
+    """A DAG run's checkpoints, under the checkpoint root: ``<dag id>/<run id>`` (without a run: the DAG's
+    folder), every character outside ``[A-Za-z0-9._=-]`` replaced by ``_`` (run ids hold ``:`` and ``+``),
+    the same on every retry."""
+    return tuple(_UNSAFE.sub("_", part) for part in (dag_id, run_id) if part is not None)
 
 
 def sample_path(model_name: str, version: str, window_start: int, writer: str) -> tuple[str, ...]:

@@ -6,7 +6,7 @@
    most 2%), and the time from a resume's start to its first training step.
 
 The stage side is the stage's own code path: its DataLoader over the manifest (reading and
-decoding every file, augmenting) and its training loop, ``train.fit``. The bare side trains the same
+decoding every file, augmenting) and its training loop, ``loop.fit``. The bare side trains the same
 architecture with the same optimizer and batch size on tensors decoded once up front, which is
 as fast as that model can go on this machine. Epochs alternate (stage, bare, stage, ...) after
 a warm-up so both see the same machine state; the medians are compared.
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from embedder import checkpoint, data, demo_data, images, model, train
+from embedder import checkpoint, checkpoint_writer, data, demo_data, images, loaders, loop, model, train
 
 
 def bare_epoch(net: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module, x: torch.Tensor,
@@ -57,7 +57,7 @@ def throughput(args: argparse.Namespace, tmp: str, manifest: data.Manifest) -> f
     stage_args = train.get_args_parser().parse_args([
         "--manifest-uri", "unused", "--experiment", "unused", "--architecture", args.architecture,
         "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--device", "cpu", "--amp", "off"])
-    loader, _ = train.make_loaders(manifest, class_to_idx, stage_args)
+    loader, _ = loaders.make_loaders(manifest, class_to_idx, stage_args)
     transform = images.train_transform(args.image_size, stage_args.augment)
     dataset = data.ManifestDataset(manifest, "train", class_to_idx, transform)
     samples = [dataset[i] for i in range(len(dataset))]
@@ -65,7 +65,7 @@ def throughput(args: argparse.Namespace, tmp: str, manifest: data.Manifest) -> f
     y = torch.tensor([s[1] for s in samples])
 
     criterion = nn.CrossEntropyLoss()
-    trainer = train.Trainer(model.build(args.architecture, len(classes)), stage_args, torch.device("cpu"))
+    trainer = loop.Trainer(model.build(args.architecture, len(classes)), stage_args, torch.device("cpu"))
     bare_net = model.build(args.architecture, len(classes))
     bare_opt = torch.optim.AdamW(bare_net.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
@@ -73,8 +73,8 @@ def throughput(args: argparse.Namespace, tmp: str, manifest: data.Manifest) -> f
     for round_ in range(args.rounds + 1):  # round 0 warms both up and is not counted
         # One epoch of the stage's own loop (sampler, seeded augmentation, AMP-aware step), no checkpoints.
         stage_args.epochs = round_ + 1
-        with train.StopSignal() as stop:
-            stage = train.fit(trainer, train.Progress(epoch=round_), stage_args, loader, None, None, None, stop,
+        with loop.StopSignal() as stop:
+            stage = loop.fit(trainer, loop.Progress(epoch=round_), stage_args, loader, None, None, None, stop,
                               {})["images_per_sec"]
         bare = bare_epoch(bare_net, bare_opt, criterion, x, y, args.batch_size, gen)
         if round_:
@@ -101,21 +101,21 @@ def checkpoints(args: argparse.Namespace, tmp: str, manifest: data.Manifest) -> 
         "--manifest-uri", "unused", "--experiment", "unused", "--architecture", args.architecture,
         "--image-size", str(args.image_size), "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
         "--checkpoint-every-steps", str(args.checkpoint_interval), "--device", "cpu", "--amp", "off"])
-    loader, _ = train.make_loaders(manifest, class_to_idx, stage_args)
+    loader, _ = loaders.make_loaders(manifest, class_to_idx, stage_args)
     cpu = torch.device("cpu")
     base_state = {"format": checkpoint.FORMAT, "dataset_version": manifest.dataset_version, "config": "bench"}
 
-    def run(with_checkpoints: bool, round_: int) -> tuple[float, int, checkpoint.AsyncCheckpointer | None]:
-        trainer = train.Trainer(model.build(args.architecture, len(classes)), stage_args, cpu)
+    def run(with_checkpoints: bool, round_: int) -> tuple[float, int, checkpoint_writer.AsyncCheckpointer | None]:
+        trainer = loop.Trainer(model.build(args.architecture, len(classes)), stage_args, cpu)
         saver = None
         if with_checkpoints:
             store = checkpoint.CheckpointStore(os.path.join(tmp, f"ckpt-{round_}"), keep_last=2)
             store.begin(manifest.dataset_version, "bench", "bench")
-            saver = checkpoint.AsyncCheckpointer(store)
-        progress = train.Progress()
-        with train.StopSignal() as stop:
+            saver = checkpoint_writer.AsyncCheckpointer(store)
+        progress = loop.Progress()
+        with loop.StopSignal() as stop:
             start = time.perf_counter()
-            train.fit(trainer, progress, stage_args, loader, None, None, saver, stop, base_state)
+            loop.fit(trainer, progress, stage_args, loader, None, None, saver, stop, base_state)
             if saver:
                 saver.flush()
             seconds = time.perf_counter() - start
@@ -147,10 +147,10 @@ def checkpoints(args: argparse.Namespace, tmp: str, manifest: data.Manifest) -> 
     start = time.perf_counter()
     restored = checkpoint.CheckpointStore(store.uri).restore(manifest.dataset_version, "bench")
     loaded = time.perf_counter()
-    trainer = train.Trainer(model.build(args.architecture, len(classes)), stage_args, cpu)
+    trainer = loop.Trainer(model.build(args.architecture, len(classes)), stage_args, cpu)
     trainer.load_state_dict(restored.state)
-    checkpoint.set_rng_state(restored.state["rng"])
-    progress = train.Progress(**restored.state["progress"])
+    checkpoint_writer.set_rng_state(restored.state["rng"])
+    progress = loop.Progress(**restored.state["progress"])
     loader.batch_sampler.set_epoch(progress.epoch % args.epochs, progress.batch)
     inputs, targets = next(iter(loader))
     trainer.step(inputs, targets)

@@ -33,12 +33,11 @@ log = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m embedder.evaluate", description=__doc__.splitlines()[0])
+    parser = stage.new_parser("embedder.evaluate", __doc__)
     parser.add_argument("--manifest-uri", required=True, help="manifest written by prepare_data")
     parser.add_argument("--challenger-uri", required=True, help="model URI returned by train")
     parser.add_argument("--challenger-run-id", required=True, help="MLflow run that trained the challenger")
     parser.add_argument("--model-name", required=True, help="registered model whose @champion is compared")
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--reference-size", type=int, default=500,
                         help="test-split embeddings stored with the model as the drift monitor's reference")
@@ -46,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="training images embedded into the /similar gallery logged with the model "
                              "(a seeded sample when the split is larger; 0: no gallery)")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: the CPU budget)")
-    return stage.add_common_arguments(parser)
+    return parser
 
 
 def metrics(scores: Scores, prefix: str) -> dict[str, float]:

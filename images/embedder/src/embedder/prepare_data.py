@@ -26,10 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m embedder.prepare_data", description=__doc__.splitlines()[0])
+    parser = stage.new_parser("embedder.prepare_data", __doc__)
     parser.add_argument("--data-uri", required=True, help="ImageFolder-style root: <split>/<class>/<image>")
     parser.add_argument("--storage-uri", required=True, help="where manifests (and checkpoints) are kept")
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
     parser.add_argument("--model-name", default="", help="registered model whose champion's classes are compared")
     parser.add_argument("--max-quarantine-share", type=float, default=0.05,
                         help="fail when more than this share of files is quarantined")
@@ -37,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-pixels", type=int, default=images.DEFAULT_MAX_PIXELS,
                         help="larger images are quarantined (decompression bomb guard)")
     parser.add_argument("--workers", type=int, default=16, help="parallel reads while scanning")
-    return stage.add_common_arguments(parser)
+    return parser
 
 
 def champion_classes(model_name: str, storage_uri: str) -> tuple[str | None, list[str] | None]:

@@ -34,8 +34,11 @@ class StagePreempted(RuntimeError):
     """The stage stopped on request (SIGTERM) after saving what it needs to resume."""
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Flags every stage accepts: where to write the result and which Airflow run this is."""
+def new_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """A stage's parser with the flags every stage takes: the MLflow experiment, where to write the result and
+    which Airflow run this is. ``module`` is the stage's module name, ``doc`` its docstring (the description)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name")
     parser.add_argument(
         "--result-path",
         default=None,
