@@ -38,6 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "change-me"
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|FERNET", re.I)
+PATH_NAME = re.compile(r"_(FILE|PATH|DIR)$", re.I)  # where a secret lives is not a secret
 VARIABLE = re.compile(r"\$(?:\$|\{(?P<braced>[^}]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
 BRACED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>.*))?$", re.S)
 MOVING_TAGS = {"latest", "stable", "main", "master", "edge", "nightly"}
@@ -166,7 +167,8 @@ def check(compose_file: Path, env_file: Path, repo: Path = REPO) -> list[str]:
 
     for name, service in raw["services"].items():  # literals are checked before interpolation
         for key, value in _env_items(service):
-            if SECRET_NAME.search(key) and value not in (None, "") and not re.fullmatch(r"\$\{[^}]+\}", str(value)):
+            if SECRET_NAME.search(key) and not PATH_NAME.search(key) and value not in (None, "") \
+                    and not re.fullmatch(r"\$\{[^}]+\}", str(value)):
                 problems.append(f"services.{name}.environment.{key}: a literal; take it from the env file (${{...}})")
 
     documented = set(env)

@@ -1,11 +1,10 @@
-"""docker-compose.yaml, checked without Docker (none on these machines): Compose interpolation from
-.env.example, the Compose Specification's strict parser (compose-spec), references, image pinning,
-healthchecks, no literal secrets. And each check fails on a file broken the way it guards against."""
+"""docker-compose.yaml, checked without Docker (tests/containers runs the real `docker compose config`):
+Compose interpolation from .env.example, the Compose Specification's strict parser (compose-spec),
+references, image pinning, healthchecks, no literal secrets. And each check fails on a file broken the
+way it guards against."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yaml"
 ENV = REPO / ".env.example"
 REQUIRED = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer", "airflow-init",
-            "postgres", "mlflow", "minio", "serving"}
+            "postgres", "mlflow", "s3", "serving"}
 
 
 def test_the_compose_file_passes_every_check():
@@ -33,18 +32,7 @@ def test_it_has_the_whole_stack_built_from_images_or_pinned():
     for name in services.keys() - built:
         assert compose._image_pinned(services[name]["image"]), name
     assert services["airflow-scheduler"]["command"] == "scheduler"
-    assert services["airflow-apiserver"]["build"]["target"] == "compose"
-
-
-def test_docker_compose_config_when_docker_compose_is_installed():
-    """The real thing where it exists (Debian's docker-compose, or the compose plugin); skipped here otherwise."""
-    for cmd in (["docker-compose"], ["docker", "compose"]):
-        if shutil.which(cmd[0]) and subprocess.run([*cmd, "version"], capture_output=True).returncode == 0:
-            proc = subprocess.run([*cmd, "--env-file", str(ENV), "-f", str(COMPOSE), "config", "--quiet"],
-                                  capture_output=True, text=True, cwd=REPO)
-            assert proc.returncode == 0, proc.stderr
-            return
-    pytest.skip("no docker-compose or docker compose plugin on this machine; the checks above stand in for it")
+    assert services["airflow-apiserver"]["build"]["args"] == {"AIRFLOW_BASE": "retrain/base:torch", "RUNNER": "local"}
 
 
 def broken(tmp_path: Path, edit) -> list[str]:
@@ -57,17 +45,17 @@ def broken(tmp_path: Path, edit) -> list[str]:
 
 
 @pytest.mark.parametrize(("edit", "expected"), [
-    (lambda d, e: d["services"]["minio"].update(helthcheck={"test": ["CMD", "true"]}),
-     "compose specification: services.minio: extension key `helthcheck`"),
+    (lambda d, e: d["services"]["s3"].update(helthcheck={"test": ["CMD", "true"]}),
+     "compose specification: services.s3: extension key `helthcheck`"),
     (lambda d, e: d["services"]["postgres"]["healthcheck"].update(interval="10q"),
      "`q` is not a valid duration unit"),
     (lambda d, e: d["services"]["serving"]["depends_on"].update(mlfow={"condition": "service_healthy"}),
      "services.serving.depends_on: no service 'mlfow'"),
     (lambda d, e: d["services"]["serving"].pop("healthcheck"),
      "services.serving: runs continuously (restart: always) but has no healthcheck"),
-    (lambda d, e: d["services"]["minio"].update(image="minio/minio:latest"),
-     "services.minio.image: 'minio/minio:latest' is not built from images/ nor pinned"),
-    (lambda d, e: d["services"]["minio"].update(image="minio/minio"), "is not built from images/ nor pinned"),
+    (lambda d, e: d["services"]["s3"].update(image="minio/minio:latest"),
+     "services.s3.image: 'minio/minio:latest' is not built from images/ nor pinned"),
+    (lambda d, e: d["services"]["s3"].update(image="minio/minio"), "is not built from images/ nor pinned"),
     (lambda d, e: d["services"]["mlflow"]["build"].update(dockerfile="images/mlflow/Dockerfile.nope"),
      "Dockerfile.nope does not exist"),
     (lambda d, e: d["services"]["serving"]["build"].update(target="servr"), "has no stage 'servr'"),
