@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RETRAIN_HOME ?= $(CURDIR)/.retrain/demo
 
-.PHONY: venv browser demo test test-fast bench bench-serving compose-env compose-check lint up down status serve \
+.PHONY: docker images compose-e2e venv browser demo test test-fast bench bench-serving compose-env compose-check lint up down status serve \
 	airflow-ui lock clean
 
 venv: $(STAMP)
@@ -64,6 +64,18 @@ lock:  ## re-resolve requirements/dev.in into requirements/dev.lock
 
 clean: down
 	rm -rf .retrain .pytest_cache .ruff_cache
+
+docker:  ## a Docker engine with Compose v2 where there is none (Debian's docker.io, dockerd started by hand)
+	.ci/docker-engine
+
+# OFFLINE=1 where no registry answers (CI here): Debian-made bases, Ceph's S3 in place of MinIO, PyTorch from PyPI.
+OFFLINE ?= $(shell $(PY) -m localdev.images registry-reachable >/dev/null 2>&1 && echo 0 || echo 1)
+
+images: venv  ## build every image, bases first (OFFLINE=1: see above; detected when not given)
+	$(PY) -m localdev.images build $(if $(filter 1,$(OFFLINE)),--offline)
+
+compose-e2e: venv docker images  ## the compose stack end to end: up --wait, a retrain through the REST API, serving, failure paths, down -v
+	RETRAIN_E2E_S3=$(if $(filter 1,$(OFFLINE)),ceph,minio) $(PY) -m pytest tests/containers -m containers -q -s
 
 compose-env: venv  ## write .env for docker-compose.yaml from .env.example, with random secrets (never overwrites)
 	$(PY) -m localdev.compose env

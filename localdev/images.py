@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 LOCAL_DEBIAN = "retrain-local/debian:bookworm"
 LOCAL_PYTHON = "retrain-local/python:3.11-bookworm"
 PYPI = "https://pypi.org/simple"
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # Debian's; includes a TLS-intercepting proxy's CA where one is installed
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,20 @@ def build(version: str, local_bases: bool, torch_index_url: str | None, ceph: bo
     return took
 
 
+def registry_reachable(url: str = "https://registry-1.docker.io/v2/") -> bool:
+    """Whether Docker Hub answers (401 without credentials is an answer): decides OFFLINE in ``make images``."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(url, timeout=5)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def size_mb(tag: str) -> float:
     out = docker("image", "inspect", "--format", "{{.Size}}", tag, capture_output=True, text=True).stdout
     return int(out.strip()) / 1e6
@@ -145,7 +160,7 @@ def code_version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m localdev.images", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("build", "local-bases", "sizes"))
+    parser.add_argument("action", choices=("build", "local-bases", "sizes", "registry-reachable"))
     parser.add_argument("--version", default=os.environ.get("RETRAIN_IMAGE_TAG", "dev"), help="tag of the images")
     parser.add_argument("--local-bases", action="store_true",
                         help="make the Debian and Python bases from Debian's packages (no registry needed)")
@@ -154,7 +169,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ceph", action="store_true", help="also build the Ceph S3 server image (offline S3)")
     parser.add_argument("--ca-bundle", default=os.environ.get("PIP_CERT"),
                         help="a CA bundle pip must trust (a TLS-intercepting proxy); passed as a build secret")
+    parser.add_argument("--offline", action="store_true",
+                        help="no registry and no PyTorch index (CI here): --local-bases --ceph, PyTorch from PyPI, "
+                             f"and the host's CA bundle ({HOST_CA_BUNDLE}) trusted")
     args = parser.parse_args(argv)
+    if args.offline:
+        args.local_bases, args.ceph = True, True
+        args.torch_index_url = args.torch_index_url or PYPI
+        if not args.ca_bundle and Path(HOST_CA_BUNDLE).is_file():
+            args.ca_bundle = HOST_CA_BUNDLE
+    if args.action == "registry-reachable":
+        return 0 if registry_reachable() else 1
     if args.action == "local-bases":
         make_local_bases()
     elif args.action == "build":

@@ -226,8 +226,8 @@ def test_wrong_credentials_are_refused(s3):
         "InvalidAccessKeyId": s3.client(access_key="AKNOSUCHKEY0000000", secret_key=s3.secret_key),
     }
     for code, client in cases.items():
-        for call in (lambda: client.list_objects_v2(Bucket="retrain"),
-                     lambda: client.put_object(Bucket="retrain", Key="intruder", Body=b"x"),
+        for call in (lambda client=client: client.list_objects_v2(Bucket="retrain"),
+                     lambda client=client: client.put_object(Bucket="retrain", Key="intruder", Body=b"x"),
                      client.list_buckets):
             with pytest.raises(ClientError) as refused:
                 call()
