@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RETRAIN_HOME ?= $(CURDIR)/.retrain/demo
 
-.PHONY: docker images compose-e2e venv browser demo test test-fast bench bench-serving compose-env compose-check lint up down status serve \
+.PHONY: docker images compose-e2e venv browser prometheus demo test test-fast bench bench-serving compose-env compose-check lint up down status serve \
 	airflow-ui lock clean
 
 venv: $(STAMP)
@@ -27,13 +27,20 @@ browser:
 	  apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
 	  { echo "the browser tests need Chromium: install your distribution's chromium package"; exit 1; }
 
+# Debian's Prometheus (prometheus and promtool) for the alert-rule tests and the live scrape test (tests/monitoring).
+prometheus:
+	@{ command -v promtool && command -v prometheus; } >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }; } || \
+	  { echo "the monitoring tests need promtool and prometheus: install your distribution's prometheus package"; exit 1; }
+
 demo: venv  ## the whole loop in local mode, through the running scheduler, ending with a promoted model served
 	$(PY) -m localdev.demo
 
-test: venv browser  ## the whole suite (unit, training, Airflow and browser end-to-end)
+test: venv browser prometheus  ## the whole suite (unit, training, Airflow and browser end-to-end)
 	$(PY) -m pytest
 
-test-fast: venv  ## everything but the slow end-to-end and training tests
+test-fast: venv prometheus  ## everything but the slow end-to-end and training tests
 	$(PY) -m pytest -m "not e2e and not training"
 
 bench: venv  ## train stage vs a bare loop, checkpoint cost, serving vs a bare forward loop: each side by side
