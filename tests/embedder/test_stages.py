@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import mlflow
 import numpy as np
 import pytest
@@ -15,14 +10,7 @@ from mlflow import MlflowClient
 from mlflow.models import Model
 
 from embedder import model
-
-
-def run_stage(stage: str, *args: str, tmp_path: Path, expect: int = 0) -> tuple[dict | None, str]:
-    result = tmp_path / f"{stage}.json"
-    proc = subprocess.run([sys.executable, "-m", f"embedder.{stage}", *args, "--result-path", str(result)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return (json.loads(result.read_text()) if result.exists() else None), proc.stderr
+from tests.helpers import run_stage
 
 
 @pytest.fixture

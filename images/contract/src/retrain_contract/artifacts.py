@@ -1,6 +1,9 @@
 """Where things are kept: the artifact paths and storage layouts that a writer and a reader share.
 
-- On a model version's training run (MLflow artifacts): the drift reference, the ``/similar`` gallery.
+- On a data snapshot's ``prepare_data`` run: the data report.
+- On a model version's training run (MLflow artifacts): the drift reference, the ``/similar`` gallery,
+  the evaluation report (``report/``: one HTML page and its figures, linked from the model card).
+- On a model version's monitoring run: the drift timeline (``drift/timeline.png``), linked from drift alerts.
 - In storage (``RETRAIN_STORAGE_URI``): dataset manifests and checkpoints.
 - In the sample location (``RETRAIN_SAMPLE_URI``): the serving API's sampled embeddings, one file per
   time window, model version and serving process, which the drift monitor reads.
@@ -10,10 +13,23 @@ from __future__ import annotations
 
 import re
 
+DATA_REPORT = "data_report.json"  # on the prepare_data run: images per split and class, quarantined files and why
 REFERENCE_ARTIFACT = "drift/reference.npy"  # test-split embeddings the drift monitor compares traffic with
 GALLERY_DIR = "gallery"  # the /similar gallery: training-split embeddings and their labels
 GALLERY_EMBEDDINGS = "embeddings.npy"
 GALLERY_INDEX = "index.json"
+REPORT_DIR = "report"  # the evaluation report: champion vs challenger on the same snapshot
+REPORT_PAGE = f"{REPORT_DIR}/index.html"  # one self-contained page (figures embedded as data: URIs)
+REPORT_SCORES = f"{REPORT_DIR}/scores.json"  # the numbers the page draws (per-class recall of both models)
+# The report's figures, file name -> caption; the page and the model card show them in this order.
+REPORT_FIGURES = {
+    "scores.png": "Champion and challenger on the same test split",
+    "class_recall.png": "Recall@1 per class: which classes got better or worse",
+    "projection.png": "Test embeddings in two dimensions (PCA), coloured by class",
+    "neighbours.png": "Queries and their nearest test images (green: same class, red: another class)",
+}
+DRIFT_TIMELINE = "drift/timeline.png"  # on the monitoring run: p-value and MMD² per window, serving bands
+DRIFT_TIMELINE_DATA = "drift/timeline.json"  # what the timeline marked (drifted and confirmed windows)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]")
 _WINDOW = re.compile(r"^window=(\d+)$")
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from embedder.images import DEFAULT_MAX_PIXELS, ImageRejected, decode, decode_rgb
@@ -243,4 +244,8 @@ class ManifestDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         entry = self.entries[index]
-        return self.transform(decode_rgb(self._read(entry))), self.class_to_idx.get(entry.label, -1)
+        return self.transform(self.image(index)), self.class_to_idx.get(entry.label, -1)
+
+    def image(self, index: int) -> Image.Image:
+        """The ``index``-th image as stored (decoded to RGB, untransformed)."""
+        return decode_rgb(self._read(self.entries[index]))

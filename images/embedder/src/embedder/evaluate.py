@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -24,12 +25,13 @@ import torch
 from mlflow import MlflowClient
 from torch.utils.data import DataLoader
 
-from embedder import data, gallery, images, model, stage, tracking
+from embedder import data, gallery, images, model, report, stage, tracking
 from retrain_contract import artifacts
 from retrain_contract.registry import CHAMPION, alias_model_version
 from retrain_contract.results import EvaluateResult, Scores
 
 log = logging.getLogger(__name__)
+NEIGHBOURS = 5  # nearest others kept per test image: recall@1 and @5, and the report's neighbour grid
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -53,29 +55,66 @@ def metrics(scores: Scores, prefix: str) -> dict[str, float]:
             f"{prefix}top1_accuracy": scores.top1_accuracy}
 
 
+def nearest(embeddings: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """Indices of each row's ``k`` nearest other rows by cosine similarity (unit rows), nearest first."""
+    n = len(embeddings)
+    k = min(k, n - 1)
+    rows = []
+    for start in range(0, n, chunk):
+        sim = embeddings[start : start + chunk] @ embeddings.T
+        own = torch.arange(start, min(start + chunk, n))
+        sim[own - start, own] = float("-inf")
+        rows.append(sim.topk(k, dim=1).indices)
+    return torch.cat(rows)
+
+
 def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5),
                 chunk: int = 1024) -> tuple[dict[int, float], int]:
     """Leave-one-out retrieval recall@k over unit embeddings; queries whose label is unique are skipped."""
-    n = len(labels)
-    same = labels[:, None] == labels[None, :]
-    valid = same.sum(1) > 1  # some other item shares the label
-    kmax = min(max(ks), n - 1)
-    hits = {k: 0 for k in ks}
-    for start in range(0, n, chunk):
-        sim = embeddings[start : start + chunk] @ embeddings.T
-        rows = torch.arange(start, min(start + chunk, n))
-        sim[rows - start, rows] = float("-inf")
-        nearest = sim.topk(kmax, dim=1).indices
-        match = labels[nearest] == labels[rows, None]
-        for k in ks:
-            hits[k] += (match[:, :k].any(1) & valid[rows]).sum().item()
+    return recall_from_neighbours(nearest(embeddings, max(ks), chunk), labels, ks)
+
+
+def queries_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Which items are retrieval queries: those whose label some other item shares."""
+    return (labels[:, None] == labels[None, :]).sum(1) > 1
+
+
+def recall_from_neighbours(neighbours: torch.Tensor, labels: torch.Tensor,
+                           ks: tuple[int, ...] = (1, 5)) -> tuple[dict[int, float], int]:
+    """Recall@k from each item's nearest others (see :func:`nearest`); the number of queries."""
+    valid = queries_mask(labels)
+    match = labels[neighbours] == labels[:, None]
     queries = int(valid.sum())
+    hits = {k: int((match[:, :k].any(1) & valid).sum()) for k in ks}
     return {k: hits[k] / queries if queries else float("nan") for k in ks}, queries
 
 
+def class_recall(neighbours: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, float]:
+    """Recall@1 of each class's queries (classes with fewer than two test images have none and are left out)."""
+    if neighbours.shape[1] == 0:  # one test image: no queries
+        return {}
+    valid = queries_mask(labels)
+    hit = labels[neighbours[:, 0]] == labels
+    out = {}
+    for index, name in enumerate(classes):
+        mine = valid & (labels == index)
+        if mine.any():
+            out[name] = hit[mine].float().mean().item()
+    return out
+
+
+@dataclass(frozen=True)
+class TestSplit:
+    """One model's view of the test split: its embeddings, the labels, and each image's nearest others."""
+
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    neighbours: torch.Tensor  # (n, NEIGHBOURS): indices into the split, nearest first
+
+
 def score(loaded: model.LoadedModel, manifest: data.Manifest, batch_size: int, model_uri: str, run_id: str,
-          version: str | None = None, keep: list[torch.Tensor] | None = None) -> Scores:
-    """The retrieval and accuracy scores of ``loaded`` on the test split; its embeddings go into ``keep``."""
+          version: str | None = None) -> tuple[Scores, TestSplit]:
+    """The retrieval and accuracy scores of ``loaded`` on the test split, and what they were computed from."""
     classes = manifest.classes
     dataset = data.ManifestDataset(manifest, "test", {c: i for i, c in enumerate(classes)},
                                    images.eval_transform(loaded.image_size))
@@ -84,14 +123,14 @@ def score(loaded: model.LoadedModel, manifest: data.Manifest, batch_size: int, m
         embeddings.append(loaded.embed(batch))
         labels.append(target)
     emb, lab = torch.cat(embeddings), torch.cat(labels)
-    if keep is not None:
-        keep.append(emb)
-    recalls, queries = recall_at_k(emb, lab)
+    neighbours = nearest(emb, NEIGHBOURS)
+    recalls, queries = recall_from_neighbours(neighbours, lab)
     # The model's own class order, mapped onto the manifest's; unknown classes are never predicted right.
     to_manifest = torch.tensor([classes.index(c) if c in classes else -2 for c in loaded.classes])
     predicted = to_manifest[loaded.logits(emb).argmax(1)]
-    return Scores(model_uri=model_uri, run_id=run_id, recall_at_1=recalls[1], recall_at_5=recalls[5],
-                  top1_accuracy=(predicted == lab).float().mean().item(), num_queries=queries, version=version)
+    scores = Scores(model_uri=model_uri, run_id=run_id, recall_at_1=recalls[1], recall_at_5=recalls[5],
+                    top1_accuracy=(predicted == lab).float().mean().item(), num_queries=queries, version=version)
+    return scores, TestSplit(emb, lab, neighbours)
 
 
 def log_reference(client: MlflowClient, run_id: str, embeddings: torch.Tensor, size: int, seed: int = 0) -> str:
@@ -125,6 +164,30 @@ def build_gallery(loaded: model.LoadedModel, manifest: data.Manifest, batch_size
                            manifest.dataset_version)
 
 
+def log_report(client: MlflowClient, run_id: str, manifest: data.Manifest, challenger: tuple[Scores, TestSplit],
+               champion: tuple[Scores, TestSplit] | None, queries: int = 8) -> str:
+    """Draw the evaluation report (:mod:`embedder.report`) and log it on the challenger's run; returns its page's URI."""
+    def view(name: str, scores: Scores, split: TestSplit) -> report.ModelView:
+        return report.ModelView(name, scores, class_recall(split.neighbours, split.labels, manifest.classes),
+                                split.embeddings.numpy(), split.neighbours.numpy())
+
+    challenger_view = view("challenger", *challenger)
+    champion_view = view(f"champion (version {champion[0].version})", *champion) if champion else None
+    labels = challenger[1].labels.numpy()
+    picked = report.pick_queries(challenger_view.neighbours, labels, queries)
+    dataset = data.ManifestDataset(manifest, "test", {}, transform=None)
+    shown = sorted({*picked, *(int(n) for q in picked for n in challenger_view.neighbours[q])})
+    inputs = report.ReportInputs(
+        dataset_version=manifest.dataset_version, classes=manifest.classes, labels=labels,
+        items=[e.path for e in dataset.entries], challenger=challenger_view, champion=champion_view, queries=picked,
+        thumbnails={i: np.asarray(dataset.image(i)) for i in shown})
+    with tempfile.TemporaryDirectory(prefix="report-") as tmp:
+        written = report.write(inputs, Path(tmp))
+        client.log_artifacts(run_id, tmp, artifacts.REPORT_DIR)
+    log.info("evaluation report: %s logged to run %s", ", ".join(p.name for p in written), run_id)
+    return f"runs:/{run_id}/{artifacts.REPORT_PAGE}"
+
+
 def main(args: argparse.Namespace) -> EvaluateResult:
     torch.set_num_threads(args.threads or model.cpu_budget())
     manifest = data.read_manifest(args.manifest_uri)
@@ -132,24 +195,25 @@ def main(args: argparse.Namespace) -> EvaluateResult:
     dataset = tracking.dataset_input(args.manifest_uri, version)
     client = MlflowClient()
 
-    kept: list[torch.Tensor] = []
     loaded = model.load(args.challenger_uri)
-    challenger = score(loaded, manifest, args.batch_size, args.challenger_uri, args.challenger_run_id, keep=kept)
-    log_reference(client, args.challenger_run_id, kept[0], args.reference_size)
+    challenger, challenger_split = score(loaded, manifest, args.batch_size, args.challenger_uri, args.challenger_run_id)
+    log_reference(client, args.challenger_run_id, challenger_split.embeddings, args.reference_size)
     if args.gallery_size > 0:
         built = build_gallery(loaded, manifest, args.batch_size, args.gallery_size)
         gallery.log(client, args.challenger_run_id, built)
         log.info("gallery: %d training images (%d-d) logged to run %s", len(built), built.dim, args.challenger_run_id)
     log.info("challenger %s on dataset %s: %s", args.challenger_uri, version, challenger)
-    champion = None
+    champion, champion_split = None, None
     found = alias_model_version(client, args.model_name, CHAMPION)
     if found is not None:
         champion_uri = f"models:/{args.model_name}/{found.version}"
-        champion = score(model.load(champion_uri), manifest, args.batch_size, champion_uri, found.run_id,
-                         version=str(found.version))
+        champion, champion_split = score(model.load(champion_uri), manifest, args.batch_size, champion_uri,
+                                         found.run_id, version=str(found.version))
         log.info("champion %s on dataset %s: %s", champion_uri, version, champion)
     else:
         log.info("no @%s for %s yet: the challenger is the only candidate", CHAMPION, args.model_name)
+    log_report(client, args.challenger_run_id, manifest, (challenger, challenger_split),
+               (champion, champion_split) if champion else None)
 
     client.log_batch(args.challenger_run_id, metrics=[
         mlflow.entities.Metric(k, v, mlflow.utils.time.get_current_time_millis(), 0)

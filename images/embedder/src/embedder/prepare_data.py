@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> PrepareResult:
             "quarantined_share": manifest.quarantined_share(),
             **{f"{split}_images": sum(c.values()) for split, c in counts.items()},
         })
-        mlflow.log_dict(report, "data_report.json")
+        mlflow.log_dict(report, artifacts.DATA_REPORT)
         if changes:
             mlflow.set_tags({"classes_added": ",".join(changes["added"]) or "none",
                              "classes_removed": ",".join(changes["removed"]) or "none"})
