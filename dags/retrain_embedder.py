@@ -11,8 +11,8 @@ forward to the champion version.
 | `check_drift` | reads the registry and MLflow; skips the rest (and says why) when there is nothing to do |
 | `prepare_data` | manifest of the data root (file, label, split, sha256); dataset version = its hash |
 | `train` | fine-tunes the model, logs metrics and the head-less embedder to MLflow |
-| `evaluate` | recall@1/@5 and top-1 accuracy of challenger and champion on the same test split |
-| `promote` | registers the challenger (`@challenger`); moves `@champion` only on a large enough gain |
+| `evaluate` | recall@1/@5 and top-1 accuracy of challenger and champion on the same test split; the evaluation report |
+| `promote` | registers the challenger (`@challenger`) with its model card; moves `@champion` only on a large enough gain |
 | `deploy` | pins serving to the champion **version**, waits until it serves, rolls back on failure |
 
 Stages run as `python -m embedder.<stage>`, locally or in pods (`RETRAIN_RUNNER`).
@@ -72,6 +72,7 @@ with DAG(
         "--model-name", settings.model_name,
         *common], settings)
 
-    promote = PromoteOperator(task_id="promote", train_result=train.output, evaluation=evaluate.output)
+    promote = PromoteOperator(task_id="promote", preparation=prepare.output, train_result=train.output,
+                              evaluation=evaluate.output)
     deploy = DeployOperator(task_id="deploy", promotion=promote.output)
     chain(check_drift, prepare, train, evaluate, promote, deploy)

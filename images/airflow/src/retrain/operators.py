@@ -49,22 +49,26 @@ class CheckDriftOperator(BaseOperator, SkipMixin):
 
 
 class PromoteOperator(BaseOperator):
-    """Register the challenger and move ``@champion`` only if it beats the champion on the same data."""
+    """Register the challenger with its model card and move ``@champion`` only if it beats the champion on the same data.
 
-    template_fields: Sequence[str] = ("train_result", "evaluation")
+    The card (the version's description) reads the runs of ``preparation``, ``train_result`` and ``evaluation``.
+    """
+
+    template_fields: Sequence[str] = ("preparation", "train_result", "evaluation")
     operator_extra_links = (links.MODEL_VERSION,)
     ui_color = "#e8eefa"
 
-    def __init__(self, *, train_result: Any, evaluation: Any, **kwargs: Any):
+    def __init__(self, *, preparation: Any, train_result: Any, evaluation: Any, **kwargs: Any):
         super().__init__(**kwargs)
-        self.train_result, self.evaluation = train_result, evaluation
+        self.preparation, self.train_result, self.evaluation = preparation, train_result, evaluation
 
     def execute(self, context: Any) -> dict[str, Any]:
         from retrain import registry
 
         settings = Settings.from_env()
         min_improvement = float(context["params"]["min_improvement"])
-        result = registry.promote(settings.model_name, self.train_result, self.evaluation, min_improvement)
+        result = registry.promote(settings.model_name, self.train_result, self.evaluation, min_improvement,
+                                  preparation=self.preparation, settings=settings)
         url = settings.model_version_url(result["model_name"], result["version"])
         self.log.info("%s: %s version %s: %s (%s)", "PROMOTED" if result["promoted"] else "NOT PROMOTED",
                       result["model_name"], result["version"], result["reason"], url)

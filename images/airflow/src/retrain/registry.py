@@ -2,7 +2,8 @@
 
 Aliases: ``challenger`` is the latest candidate, ``champion`` is what serving should run. The
 champion moves only when the challenger beats it on the same data snapshot by at least
-``min_improvement`` in recall@1; the decision and both scores are recorded on the new version.
+``min_improvement`` in recall@1; the decision and both scores are recorded on the new version, and its
+description is the model card (:mod:`retrain.model_card`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from retrain import model_card
+from retrain.settings import Settings
+from retrain_contract import artifacts
 from retrain_contract.registry import CHALLENGER, CHAMPION, HEADLINE_METRIC, LINEAGE_TAGS, alias_version
-from retrain_contract.results import EvaluateResult, PromoteResult, TrainResult
+from retrain_contract.results import EvaluateResult, PrepareResult, PromoteResult, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +76,16 @@ def register_challenger(client: MlflowClient, model_name: str, model_uri: str, r
 
 
 def promote(model_name: str, train_result: dict[str, Any], evaluation: dict[str, Any], min_improvement: float,
-            client: MlflowClient | None = None) -> dict[str, Any]:
-    """Register the evaluated challenger, set ``challenger``, and move ``champion`` if it earned it."""
+            client: MlflowClient | None = None, *, preparation: dict[str, Any],
+            settings: Settings | None = None) -> dict[str, Any]:
+    """Register the evaluated challenger with its model card, set ``challenger``, and move ``champion`` if it earned it.
+
+    The card (:mod:`retrain.model_card`) is the version's description; it is written before an alias
+    moves, so no alias ever points at a version without one.
+    """
     client = client or MlflowClient()
+    settings = settings or Settings.from_env()
+    prepared = PrepareResult.from_json(preparation)
     train, scored = TrainResult.from_json(train_result), EvaluateResult.from_json(evaluation)
     challenger, champion = scored.challenger, scored.champion
     current = alias_version(client, model_name, CHAMPION)
@@ -92,6 +103,7 @@ def promote(model_name: str, train_result: dict[str, Any], evaluation: dict[str,
         "eval.recall_at_5": f"{challenger.recall_at_5:.6f}",
         "eval.top1_accuracy": f"{challenger.top1_accuracy:.6f}",
         "eval.run_id": scored.mlflow_run_id,
+        "eval.report": f"runs:/{train.mlflow_run_id}/{artifacts.REPORT_PAGE}",
         "champion.version": champion.version if champion else "none",
         f"champion.{HEADLINE_METRIC}": f"{champion_score:.6f}" if champion else "none",
         "promotion.min_improvement": str(min_improvement),
@@ -101,6 +113,10 @@ def promote(model_name: str, train_result: dict[str, Any], evaluation: dict[str,
     version = register_challenger(client, model_name, challenger.model_uri, train.mlflow_run_id, tags)
     for key, value in tags.items():  # also on a re-used version, so the latest decision is what it shows
         client.set_model_version_tag(model_name, version, key, value)
+    model_card.write(client, settings, model_card.read_facts(
+        client, model_name=model_name, version=version, promoted=decision.promote, reason=decision.reason,
+        champion_version=evaluated_against, prepare_run_id=prepared.mlflow_run_id, train_run_id=train.mlflow_run_id,
+        evaluation_run_id=scored.mlflow_run_id))
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     if decision.promote:
         client.set_registered_model_alias(model_name, CHAMPION, version)

@@ -216,6 +216,18 @@ class Settings:
         """The MLflow UI page of a registered model version."""
         return f"{self.mlflow_ui_url}/#/models/{quote(model_name, safe='')}/versions/{version}"
 
+    def mlflow_artifact_url(self, experiment_id: str, run_id: str, path: str) -> str:
+        """The MLflow UI page of a run showing one of its artifacts (an HTML page rendered, an image shown)."""
+        return f"{self.mlflow_run_url(experiment_id, run_id)}/artifacts/{quote(path)}"
+
+    def mlflow_artifact_file_url(self, run_id: str, path: str) -> str:
+        """The bytes of a run's artifact, from MLflow's server (what an ``<img>`` in a model card loads)."""
+        return f"{self.mlflow_ui_url}/get-artifact?path={quote(path, safe='')}&run_uuid={run_id}"
+
+    def airflow_run_url(self, dag_id: str, run_id: str) -> str:
+        """The Airflow UI page of a DAG run."""
+        return f"{self.airflow_url}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
+
 
 def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0, inclusive: bool = False) -> float:
     raw = env.get(name)
