@@ -146,8 +146,11 @@ def test_operational_settings_of_the_operators(monkeypatch):
 @pytest.mark.parametrize("name,value,message", [
     ("RETRAIN_GPU_NODE_LABEL", "gpu", "must look like key=value"),
     ("RETRAIN_DEFERRABLE", "yes", "must be true or false"),
-    ("RETRAIN_GPU_COUNT", "two", "is not a number"),
+    ("RETRAIN_GPU_COUNT", "two", "is not a whole number"),
+    ("RETRAIN_GPU_COUNT", "1.5", "is not a whole number"),
     ("RETRAIN_GPU_COUNT", "-1", "must be at least 0"),
+    ("RETRAIN_TRAIN_NODES", "0", "must be at least 1"),
+    ("RETRAIN_TRAIN_LAUNCHER", "mpijob", "set it to one of job, pytorchjob"),
     ("RETRAIN_DEPLOY_TIMEOUT_S", "0", "must be more than 0"),
     ("RETRAIN_RUNNER", "docker", "set it to one of local, kubernetes"),
 ])

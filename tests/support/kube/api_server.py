@@ -3,8 +3,13 @@
 - pods: list (label/field selectors), create, get, patch (merge), delete; ``pods/log`` and ``pods/exec``
   are served by the kubelet (:mod:`.kubelet`, :mod:`.exec`);
 - events: list (``involvedObject.name`` field selector);
+- services: list, create, get, delete (headless ones give their pods DNS names, :mod:`.dns`);
+- jobs (``batch/v1``, Indexed): list, create, get, delete, run by the Job controller (:mod:`.jobs`);
 - deployments: list, get, patch (strategic merge and JSON merge), and for kubectl ``rollout status``
   a watch stream (with streaming-list bookmarks, as kubectl 1.37 asks for) and discovery.
+
+Deleting an object deletes the objects it owns (``ownerReferences``) as the garbage collector does, unless
+the ``propagationPolicy`` is ``Orphan``, which a Job's deletion defaults to in ``batch/v1``.
 
 The same routes serve two ports: the worker's, behind the Role (:mod:`.rbac`) and the injected faults,
 and the operator's, where a person's kubectl may watch and nothing is recorded.
@@ -23,6 +28,7 @@ from aiohttp import web
 
 from .controllers import DeploymentController
 from .exec import Exec
+from .jobs import JobController
 from .kubelet import Kubelet
 from .store import Store, merge, now, selector_matches, status_response, strategic_merge
 
@@ -31,15 +37,29 @@ _RESOURCE = {"namespaced": True, "verbs": ["get", "list", "watch", "create", "pa
 DISCOVERY = {
     "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
     "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-        {"name": "apps", "versions": [{"groupVersion": "apps/v1", "version": "v1"}],
-         "preferredVersion": {"groupVersion": "apps/v1", "version": "v1"}}]},
+        {"name": group, "versions": [{"groupVersion": f"{group}/v1", "version": "v1"}],
+         "preferredVersion": {"groupVersion": f"{group}/v1", "version": "v1"}} for group in ("apps", "batch")]},
     "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
         {"name": "pods", "singularName": "pod", "kind": "Pod", "shortNames": ["po"], **_RESOURCE},
+        {"name": "services", "singularName": "service", "kind": "Service", "shortNames": ["svc"], **_RESOURCE},
         {"name": "events", "singularName": "event", "kind": "Event", "shortNames": ["ev"], **_RESOURCE}]},
     "/apis/apps/v1": {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "apps/v1", "resources": [
         {"name": "deployments", "singularName": "deployment", "kind": "Deployment", "shortNames": ["deploy"],
          **_RESOURCE}]},
+    "/apis/batch/v1": {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "batch/v1", "resources": [
+        {"name": "jobs", "singularName": "job", "kind": "Job", "categories": ["all"], **_RESOURCE}]},
 }
+
+
+_KINDS = {"services": ("Service", "v1"), "jobs": ("Job", "batch/v1")}
+
+
+async def _propagation(request: web.Request, default: str) -> str:
+    """The deletion's ``propagationPolicy``: from the query or the ``DeleteOptions`` body."""
+    if "propagationPolicy" in request.query:
+        return request.query["propagationPolicy"]
+    body = await request.json() if request.can_read_body else {}
+    return (body or {}).get("propagationPolicy") or default
 
 
 def not_found(resource: str, name: str) -> web.Response:
@@ -52,8 +72,10 @@ class ApiServer:
         self.kubelet = kubelet
         self.controller = controller
         self.exec = Exec(kubelet)
+        self.jobs = JobController(store, self.add_pod, lambda ns, name: self.remove("pods", ns, name))
         self.created: list[dict] = []  # every pod as it was created
         self.faults: list[int] = []  # statuses to answer the worker's next requests with
+        self._cluster_ips = 0
 
     def app(self, middlewares: Iterable = ()) -> web.Application:
         app = web.Application(middlewares=list(middlewares))
@@ -70,6 +92,12 @@ class ApiServer:
         app.router.add_get(pods + "/{name}/exec", self.exec.pod_exec)
         app.router.add_post(pods + "/{name}/exec", self.exec.pod_exec)
         app.router.add_get("/api/v1/namespaces/{ns}/events", self.list_events)
+        for path, resource in (("/api/v1/namespaces/{ns}/services", "services"),
+                               ("/apis/batch/v1/namespaces/{ns}/jobs", "jobs")):
+            app.router.add_get(path, lambda r, res=resource: self.list_objects(r, res))
+            app.router.add_post(path, lambda r, res=resource: self.create_object(r, res))
+            app.router.add_get(path + "/{name}", lambda r, res=resource: self.get_object(r, res))
+            app.router.add_delete(path + "/{name}", lambda r, res=resource: self.delete_object(r, res))
         deployments = "/apis/apps/v1/namespaces/{ns}/deployments"
         app.router.add_get(deployments, self.list_deployments)
         app.router.add_get(deployments + "/{name}", self.get_deployment)
@@ -99,12 +127,17 @@ class ApiServer:
         name = pod["metadata"]["name"]
         if ("pods", ns, name) in self.store.objects:
             return status_response(409, "AlreadyExists", f'pods "{name}" already exists')
+        return web.json_response(self.add_pod(ns, pod), status=201)
+
+    def add_pod(self, ns: str, pod: dict) -> dict:
+        """Store a new pod and hand it to the kubelet (for a client's request, or a controller's)."""
+        name = pod["metadata"]["name"]
         pod["metadata"].update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
         pod["status"] = {"phase": "Pending", "qosClass": "Burstable"}
         self.store.objects[("pods", ns, name)] = self.store.bump(pod)
         self.created.append(copy.deepcopy(pod))
         self.kubelet.start(ns, name)
-        return web.json_response(pod, status=201)
+        return pod
 
     def _pod(self, request: web.Request) -> dict | None:
         return self.store.objects.get(("pods", request.match_info["ns"], request.match_info["name"]))
@@ -124,15 +157,81 @@ class ApiServer:
 
     async def delete_pod(self, request: web.Request) -> web.Response:
         ns, name = request.match_info["ns"], request.match_info["name"]
-        pod = self.store.objects.pop(("pods", ns, name), None)
+        pod = self.remove("pods", ns, name, await _propagation(request, "Background"))
         if pod is None:
             return not_found("pods", name)
-        self.kubelet.kill(ns, name)
         return web.json_response(pod)
+
+    def remove(self, resource: str, ns: str, name: str, propagation: str = "Background") -> dict | None:
+        """Delete an object, and what it owns as the garbage collector would (``Orphan``: they lose the owner)."""
+        obj = self.store.objects.pop((resource, ns, name), None)
+        if obj is None:
+            return None
+        if resource == "pods":
+            self.kubelet.kill(ns, name)
+        uid = obj["metadata"].get("uid")
+        for (kind, where, dependent), child in list(self.store.objects.items()):
+            refs = child["metadata"].get("ownerReferences") or []
+            if where != ns or not any(ref.get("uid") == uid for ref in refs):
+                continue
+            if propagation == "Orphan":
+                child["metadata"]["ownerReferences"] = [ref for ref in refs if ref.get("uid") != uid]
+                self.store.bump(child)
+            else:
+                self.remove(kind, ns, dependent)
+        self.store.changes.advance()  # whoever waits on the store (a controller, a watch) sees it gone
+        return obj
 
     async def list_events(self, request: web.Request) -> web.Response:
         items = self.store.items("events", request.match_info["ns"], request.query.get("fieldSelector"))
         return web.json_response({"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": items})
+
+    # ---- services, jobs ----------------------------------------------------------------------------
+    async def list_objects(self, request: web.Request, resource: str) -> web.Response:
+        items = [o for o in self.store.items(resource, request.match_info["ns"], request.query.get("fieldSelector"))
+                 if selector_matches(o["metadata"].get("labels", {}), request.query.get("labelSelector"))]
+        kind, version = _KINDS[resource]
+        return self._list(f"{kind}List", version, items)
+
+    async def create_object(self, request: web.Request, resource: str) -> web.Response:
+        ns = request.match_info["ns"]
+        obj = await request.json()
+        name = obj["metadata"]["name"]
+        kind, version = _KINDS[resource]
+        if (resource, ns, name) in self.store.objects:
+            return status_response(409, "AlreadyExists", f'{resource} "{name}" already exists')
+        refusal = self.jobs.admit(ns, obj) if resource == "jobs" else None
+        if refusal:
+            return status_response(422, "Invalid", f'{kind}.{version.split("/")[0]} "{name}" is invalid: {refusal}')
+        obj.update(kind=kind, apiVersion=version)
+        obj["metadata"].update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
+        if resource == "services":
+            spec = obj.setdefault("spec", {})
+            spec.setdefault("type", "ClusterIP")
+            if "clusterIP" not in spec:
+                self._cluster_ips += 1
+                spec["clusterIP"] = f"10.96.{self._cluster_ips // 256}.{self._cluster_ips % 256}"
+            obj["status"] = {"loadBalancer": {}}
+        self.store.objects[(resource, ns, name)] = obj
+        if resource == "jobs":
+            self.jobs.created(ns, obj)
+        self.store.bump(obj)
+        return web.json_response(obj, status=201)
+
+    async def get_object(self, request: web.Request, resource: str) -> web.Response:
+        obj = self.store.objects.get((resource, request.match_info["ns"], request.match_info["name"]))
+        if obj is None:
+            return not_found(resource, request.match_info["name"])
+        return web.json_response(obj)
+
+    async def delete_object(self, request: web.Request, resource: str) -> web.Response:
+        ns, name = request.match_info["ns"], request.match_info["name"]
+        # batch/v1 Jobs orphan their pods unless told otherwise (kubectl asks for Background).
+        obj = self.remove(resource, ns, name, await _propagation(request, "Orphan" if resource == "jobs" else "Background"))
+        if obj is None:
+            return not_found(resource, name)
+        return web.json_response({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                                  "details": {"name": name, "kind": resource, "uid": obj["metadata"]["uid"]}})
 
     # ---- deployments -----------------------------------------------------------------------------
     async def list_deployments(self, request: web.Request) -> web.StreamResponse:

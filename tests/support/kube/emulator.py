@@ -164,6 +164,10 @@ class KubeEmulator:
     def pods(self, namespace: str = "retrain") -> list[dict]:
         return self._in_loop(lambda: copy.deepcopy(self.store.items("pods", namespace)))
 
+    def objects(self, resource: str, namespace: str = "retrain") -> list[dict]:
+        """The ``jobs``, ``services`` (or any resource) the API server holds now."""
+        return self._in_loop(lambda: copy.deepcopy(self.store.items(resource, namespace)))
+
     def logs_of(self, namespace: str, name: str) -> str:
         return "".join(self.kubelet.containers[(namespace, name)].log)
 

@@ -2,14 +2,23 @@
 
 It "schedules" each new pod (a pod that asks for more ``nvidia.com/gpu`` than the node has stays Pending
 with a ``FailedScheduling`` event), then runs the base container's command: ``python`` is this
-interpreter, ``envFrom`` Secrets come from :attr:`Kubelet.secrets`, and ``/airflow/xcom`` is a folder per
-pod. The pod goes Pending → Running → Succeeded/Failed with container statuses as a real kubelet reports
-them. It serves ``pods/log`` (the API server proxies it) and can be made to preempt a pod.
+interpreter, ``envFrom`` Secrets come from :attr:`Kubelet.secrets`, ``valueFrom.fieldRef`` reads the pod
+(``metadata.annotations['...']``, ``metadata.name``, ...), ``$HOSTNAME`` is the pod's hostname, names of
+Services resolve to loopback (:mod:`.dns`), and ``/airflow/xcom`` is a folder per pod. A container is every
+process started in it (each carries the pod's uid in ``$EMULATED_POD_UID``, as a cgroup would hold them,
+whatever sessions they start: torchrun starts each rank in one of its own), and it ends as a container
+does: SIGKILL to all of them when the pod is deleted, and to what is left when its main process exits.
+The pod goes Pending → Running →
+Succeeded/Failed with container statuses as a real kubelet reports them. It serves ``pods/log`` (the API
+server proxies it) and can be made to preempt a pod.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,17 +27,21 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .dns import Dns
 from .store import Changes, Store, condition, now, status_response
 
 XCOM_PATH = "/airflow/xcom"
 SIDECAR = "airflow-xcom-sidecar"
 NODE = "emulated-node"
+POD_IP = "127.0.0.1"  # every emulated pod runs on this machine
+MARKER = "EMULATED_POD_UID"  # in the environment of every process of a pod's container
 
 
 @dataclass
 class Container:
     """The base container of one pod: its process, its log lines so far, and its exit code once it ended."""
 
+    uid: str = ""  # the pod's: what marks the container's processes
     log: list[str] = field(default_factory=list)
     exit_code: int | None = None
     proc: asyncio.subprocess.Process | None = None
@@ -36,8 +49,9 @@ class Container:
 
 
 class Kubelet:
-    def __init__(self, store: Store, workdir: Path, env: dict[str, str]):
+    def __init__(self, store: Store, workdir: Path, env: dict[str, str], dns: Dns | None = None):
         self.store = store
+        self.dns = dns or Dns(store)
         self.workdir = workdir
         self.env = env
         self.gpus = 0  # nvidia.com/gpu the node has
@@ -51,14 +65,14 @@ class Kubelet:
     # ---- what the API server asks of it ---------------------------------------------------------
     def start(self, ns: str, name: str) -> None:
         """A pod was created: schedule it and run its base container."""
-        self.containers[(ns, name)] = Container()
+        self.containers[(ns, name)] = Container(uid=self.store.objects[("pods", ns, name)]["metadata"]["uid"])
         self.store.spawn(self._run(ns, name))
 
     def kill(self, ns: str, name: str) -> None:
         """The pod was deleted: kill its container at once."""
         container = self.containers.get((ns, name))
-        if container is not None and container.proc is not None and container.proc.returncode is None:
-            container.proc.kill()
+        if container is not None and container.proc is not None and container.exit_code is None:
+            _kill_container(container.uid)
 
     def preempt(self, ns: str, name: str, reason: str) -> None:
         """What a node's shutdown does to a running pod: the ``DisruptionTarget`` condition, then SIGTERM.
@@ -117,8 +131,9 @@ class Kubelet:
             pod["status"]["phase"] = "Succeeded" if base["state"]["terminated"]["exitCode"] == 0 else "Failed"
         self.store.bump(pod)
 
-    def _resolve_env(self, ns: str, spec: dict) -> dict[str, str]:
+    def _resolve_env(self, ns: str, pod: dict, spec: dict) -> dict[str, str]:
         env = dict(self.env)
+        env["HOSTNAME"] = pod["spec"].get("hostname") or pod["metadata"]["name"]
         for source in spec.get("envFrom", []):
             ref = source.get("secretRef") or {}
             data = self.secrets.get((ns, ref.get("name", "")))
@@ -126,8 +141,9 @@ class Kubelet:
                 raise LookupError(f'secret "{ref.get("name")}" not found')
             env.update(data or {})
         for var in spec.get("env", []):
-            env[var["name"]] = var.get("value", "")
-        return env
+            ref = (var.get("valueFrom") or {}).get("fieldRef")
+            env[var["name"]] = _field(pod, ref["fieldPath"]) if ref else var.get("value", "")
+        return {key: self.dns.rewrite(ns, value) for key, value in env.items()}
 
     @staticmethod
     def _gpus_requested(spec: dict) -> int:
@@ -160,7 +176,7 @@ class Kubelet:
         if not self._schedule(ns, name, pod, base):
             return
         try:
-            env = self._resolve_env(ns, base)
+            env = self._resolve_env(ns, pod, base)
         except LookupError as exc:
             pod["status"]["containerStatuses"] = [self._waiting(c["name"], "CreateContainerConfigError") for c in spec]
             self.store.event(ns, name, "Failed", f"Error: {exc}", "Warning")
@@ -169,21 +185,28 @@ class Kubelet:
         xcom = self.xcom_dir(ns, name)
         xcom.mkdir(parents=True, exist_ok=True)
         env["EMBEDDER_RESULT_PATH"] = str(xcom / "return.json")
-        cmd = [*(base.get("command") or []), *(base.get("args") or [])]
+        env[MARKER] = container.uid
+        cmd = [self.dns.rewrite(ns, arg) for arg in [*(base.get("command") or []), *(base.get("args") or [])]]
         if cmd and cmd[0] == "python":
             cmd[0] = sys.executable
         started = now()
-        pod["status"].update(phase="Running", startTime=started, containerStatuses=[
+        pod["status"].update(phase="Running", startTime=started, podIP=POD_IP, podIPs=[{"ip": POD_IP}], containerStatuses=[
             {"name": c["name"], "ready": True, "started": True, "restartCount": 0, "image": c["image"],
              "imageID": "", "state": {"running": {"startedAt": started}}} for c in spec])
         self.store.bump(pod)
         proc = container.proc = await asyncio.create_subprocess_exec(
             *cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.workdir)
-        assert proc.stdout is not None
-        async for line in proc.stdout:
-            container.log.append(line.decode(errors="replace"))
-            container.changes.advance()
+
+        async def read() -> None:
+            assert proc.stdout is not None
+            async for line in proc.stdout:
+                container.log.append(line.decode(errors="replace"))
+                container.changes.advance()
+
+        reading = asyncio.ensure_future(read())
         code = await proc.wait()
+        _kill_container(container.uid)  # the container ends with its main process: what it left holds no pipe
+        await reading
         container.exit_code = code
         container.changes.advance()
         for st in pod["status"]["containerStatuses"]:
@@ -192,3 +215,27 @@ class Kubelet:
                     "exitCode": code, "reason": "Completed" if code == 0 else "Error",
                     "startedAt": started, "finishedAt": now()}})
         self._settle(pod)
+
+
+def _kill_container(uid: str) -> None:
+    """SIGKILL every process of a pod's container (those whose environment carries its uid), as a runtime stops one."""
+    marker = f"{MARKER}={uid}".encode() + b"\0"
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours
+            if marker in Path(entry.path, "environ").read_bytes():
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+_LABELLED = re.compile(r"metadata\.(annotations|labels)\['([^']+)'\]")
+
+
+def _field(pod: dict, path: str) -> str:
+    """A ``fieldRef``'s value: what the downward API gives a container from its own pod."""
+    if match := _LABELLED.fullmatch(path):
+        return (pod["metadata"].get(match.group(1)) or {}).get(match.group(2), "")
+    return {"metadata.name": pod["metadata"]["name"], "metadata.namespace": pod["metadata"].get("namespace", ""),
+            "metadata.uid": pod["metadata"].get("uid", ""), "spec.nodeName": pod["spec"].get("nodeName", ""),
+            "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
+            "status.podIP": POD_IP, "status.hostIP": POD_IP}[path]

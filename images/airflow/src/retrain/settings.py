@@ -19,6 +19,7 @@ from urllib.parse import quote
 from retrain_contract import params
 
 RUNNERS = ("local", "kubernetes")
+TRAIN_LAUNCHERS = ("job", "pytorchjob")  # several train nodes: an Indexed Job + headless Service, or a PyTorchJob
 # A schedule's first run is its next tick after the DAG appears or is unpaused: unpausing never starts the
 # slot that just passed. (Airflow 3.3's CronTriggerTimetable treats run_immediately=False like None, which
 # runs a slot missed less than a tenth of the interval ago; a zero timedelta says "never".)
@@ -57,7 +58,10 @@ class PodSettings:
     image: str = "ghcr.io/example/embedder-trainer:0.1.0"  # may be pinned by digest: repo@sha256:...
     service_account: str = "retrain-stage"
     secrets: tuple[str, ...] = ("retrain-s3", "retrain-mlflow")
-    gpu_count: int = 1  # 0: a CPU-only cluster; the train stage then runs like the others
+    gpu_count: int = 1  # GPUs per train pod, one process each; 0: a CPU-only cluster (train runs like the others)
+    train_nodes: int = 1  # >1: train runs as that many pods that rendezvous with torchrun (runners/distributed.py)
+    train_launcher: str = "job"  # what runs those pods: an Indexed Job and a headless Service, or a Kubeflow PyTorchJob
+    cluster_domain: str = "cluster.local"  # the pods' DNS names end in it (the rendezvous endpoint)
     gpu_node_label: tuple[str, str] = ("nvidia.com/gpu.present", "true")
     gpu_pool: str = "gpu"
     startup_timeout_s: int = 1800  # a GPU node may have to scale up first
@@ -75,13 +79,20 @@ class PodSettings:
         if deferrable not in ("true", "false"):
             raise SettingsError(f"RETRAIN_DEFERRABLE={deferrable!r} must be true or false")
         secrets = env.get("RETRAIN_STAGE_SECRETS")
+        launcher = env.get("RETRAIN_TRAIN_LAUNCHER", d.train_launcher)
+        if launcher not in TRAIN_LAUNCHERS:
+            raise SettingsError(f"RETRAIN_TRAIN_LAUNCHER={launcher!r} is not a launcher; set it to one of "
+                                f"{', '.join(TRAIN_LAUNCHERS)} (pytorchjob needs the Kubeflow Training Operator)")
         return cls(
             conn_id=env.get("RETRAIN_KUBERNETES_CONN_ID", d.conn_id),
             namespace=env.get("RETRAIN_NAMESPACE", d.namespace),
             image=env.get("RETRAIN_STAGE_IMAGE", d.image),
             service_account=env.get("RETRAIN_STAGE_SERVICE_ACCOUNT", d.service_account),
             secrets=tuple(s for s in secrets.split(",") if s) if secrets is not None else d.secrets,
-            gpu_count=int(_number(env, "RETRAIN_GPU_COUNT", d.gpu_count, inclusive=True)),
+            gpu_count=_count(env, "RETRAIN_GPU_COUNT", d.gpu_count, minimum=0),
+            train_nodes=_count(env, "RETRAIN_TRAIN_NODES", d.train_nodes, minimum=1),
+            train_launcher=launcher,
+            cluster_domain=env.get("RETRAIN_CLUSTER_DOMAIN", d.cluster_domain).strip("."),
             gpu_node_label=tuple(label.split("=")),  # type: ignore[arg-type]
             gpu_pool=env.get("RETRAIN_GPU_POOL", d.gpu_pool),
             startup_timeout_s=int(_number(env, "RETRAIN_POD_STARTUP_TIMEOUT_S", d.startup_timeout_s)),
@@ -241,6 +252,16 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 
         raise SettingsError(f"{name}={raw!r} must be {'at least' if inclusive else 'more than'} {minimum:g}")
     return value
 
+
+def _count(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if not raw.strip().lstrip("-").isdigit():
+        raise SettingsError(f"{name}={raw!r} is not a whole number")
+    if int(raw) < minimum:
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
+    return int(raw)
 
 
 def _cron(env: Mapping[str, str], name: str, default: str) -> str:

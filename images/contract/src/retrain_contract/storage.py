@@ -19,6 +19,35 @@ class StorageError(RuntimeError):
     """A storage location is missing, unreadable or malformed; the message names the URI."""
 
 
+class StorageUnavailable(RuntimeError):
+    """S3 did not answer, after the client's own retries: not the input's fault, so a retry of the task may succeed.
+
+    Deliberately not a :class:`StorageError`, which the stages report as bad input (no retry).
+    """
+
+
+def _names_s3(func):
+    """Re-raise S3 connection failures as :class:`StorageUnavailable`, naming S3, its endpoint and the URI."""
+
+    @functools.wraps(func)
+    def wrapper(uri, *args, **kwargs):
+        try:
+            return func(uri, *args, **kwargs)
+        except Exception as exc:
+            if not type(exc).__module__.startswith("botocore"):
+                raise
+            from botocore.exceptions import ConnectionError as S3ConnectionError
+
+            if not isinstance(exc, S3ConnectionError):
+                raise
+            raise StorageUnavailable(
+                f"S3 is unreachable at {_s3_client().meta.endpoint_url} ({func.__name__} {uri}): {exc}. "
+                "Check that the S3 service is up and that AWS_ENDPOINT_URL points at it; a retry resumes."
+            ) from exc
+
+    return wrapper
+
+
 @dataclass(frozen=True)
 class Location:
     scheme: str  # "file" or "s3"
@@ -71,6 +100,7 @@ def _s3_client():
     )
 
 
+@_names_s3
 def exists(uri: str) -> bool:
     loc = parse(uri)
     if loc.scheme == "file":
@@ -86,6 +116,7 @@ def exists(uri: str) -> bool:
         raise
 
 
+@_names_s3
 def read_bytes(uri: str) -> bytes:
     loc = parse(uri)
     if loc.scheme == "file":
@@ -101,6 +132,7 @@ def read_bytes(uri: str) -> bytes:
         raise StorageError(f"{uri}: {exc.response.get('Error', {}).get('Message', exc)}") from exc
 
 
+@_names_s3
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` atomically: readers see the old object or the new one, never a partial one."""
     loc = parse(uri)
@@ -121,6 +153,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise
 
 
+@_names_s3
 def delete(uri: str) -> None:
     """Remove one file or object; a missing one is not an error."""
     loc = parse(uri)
@@ -130,6 +163,7 @@ def delete(uri: str) -> None:
     _s3_client().delete_object(Bucket=loc.bucket, Key=loc.path)
 
 
+@_names_s3
 def list_files(uri: str) -> list[str]:
     """Every file under ``uri``, as paths relative to it (``/``-separated), sorted.
 

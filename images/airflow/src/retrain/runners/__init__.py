@@ -2,7 +2,8 @@
 
 A stage is ``python -m embedder.<name> <arguments>`` (:mod:`retrain_contract.stages`). The arguments
 are Airflow templates, rendered by the operator, so XCom and Params flow into both runners the same
-way. ``RETRAIN_RUNNER`` picks :mod:`~retrain.runners.local` or :mod:`~retrain.runners.kubernetes`.
+way. ``RETRAIN_RUNNER`` picks :mod:`~retrain.runners.local` or :mod:`~retrain.runners.kubernetes`; in
+kubernetes mode, ``RETRAIN_TRAIN_NODES`` > 1 runs train on that many pods (:mod:`~retrain.runners.distributed`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ def stage_operator(name: str, arguments: list[str], settings: Settings, **kwargs
 
         return LocalStageOperator(task_id=name, stage=spec, arguments=arguments, python=settings.local_python,
                                   env=settings.stage_env(), preemption_delay_s=settings.preemption_delay_s, **kwargs)
+    if name == "train" and settings.pods.train_nodes > 1:
+        from retrain.runners.distributed import distributed_train_operator
+
+        return distributed_train_operator(arguments, settings, **kwargs)
     from retrain.runners.kubernetes import stage_pod_operator
 
-    return stage_pod_operator(name, spec.command(), arguments, spec.gpu, settings, **kwargs)
+    return stage_pod_operator(name, arguments, spec.gpu, settings, **kwargs)
