@@ -5,7 +5,9 @@ reference embeddings stored with that version (``drift/reference.npy`` on its tr
 ``embedder.evaluate.log_reference``). Each window's scores are logged to one MLflow run per model
 version in the ``<experiment>-monitoring`` experiment, as metric series whose step is the window's
 start (epoch seconds): ``p_value``, ``mmd2``, ``mean_shift``, ``n_production``, ``drift`` (1/0) and
-``insufficient`` (1/0). Insufficient windows log ``n_production`` and ``insufficient`` only.
+``insufficient`` (1/0). Insufficient windows log ``n_production`` and ``insufficient`` only. Each
+monitor run that scores windows also logs ``confirmed`` (1/0: its drift decision) at the last window it
+scored, and redraws the drift timeline (:mod:`retrain.drift_timeline`) on the run, which its alerts link to.
 
 The monitor then derives the drift state from that history (:func:`drift_state`), alerts when the
 state changes (ok → drift, drift → ok; again for an unchanged drift state only after a cooldown),
@@ -25,7 +27,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from retrain import drift
+from retrain import drift, drift_timeline
 from retrain.alerts import Alert, send_alert
 from retrain.drift_history import DriftSignalError, drift_state, history, monitoring_run
 from retrain.settings import Settings
@@ -102,7 +104,19 @@ def monitor_once(settings: Settings, client: MlflowClient | None = None, now: fl
     try:
         state, why = drift_state(history(client, run_id), cfg.alpha, cfg.windows)
     except DriftSignalError as exc:
-        return MonitorReport(champion=version, state=None, confirmed=False, reason=str(exc),
+        state, why = None, str(exc)
+    if scored and state is not None:  # the decision, at the last window it saw: the timeline marks it
+        last = scored[-1].start
+        client.log_metric(run_id, "confirmed", float(state == drift.DRIFT),
+                          timestamp=int((last + cfg.window_s) * 1000), step=last)
+    if scored:
+        try:
+            drift_timeline.log_timeline(client, settings, run)
+        except Exception as exc:  # a picture must never keep the decision or its alert from going out
+            log.warning("drift timeline of run %s not drawn (%s: %s); the scores and the decision are logged",
+                        run_id, type(exc).__name__, exc)
+    if state is None:
+        return MonitorReport(champion=version, state=None, confirmed=False, reason=why,
                              scored=[w.start for w in scored], monitoring_run_id=run_id).to_json()
     _alert_on_change(client, settings, run, state, why, scored, now)
     return MonitorReport(champion=version, state=state, confirmed=state == drift.DRIFT, reason=why,
@@ -122,10 +136,12 @@ def _alert_on_change(client: MlflowClient, settings: Settings, run, state: str, 
     latest = scored[-1] if scored else None
     name, version = tags["drift.model_name"], tags["drift.model_version"]
     link = settings.mlflow_run_url(run.info.experiment_id, run.info.run_id)
+    timeline = settings.mlflow_artifact_url(run.info.experiment_id, run.info.run_id, artifacts.DRIFT_TIMELINE)
     title = (f"drift confirmed for {name} version {version}" if state == drift.DRIFT
              else f"drift cleared for {name} version {version}")
     send_alert(Alert(kind="drift", title=title, text=why, fields={
         "model_name": name, "model_version": version, "state": state, "previous_state": previous,
+        "drift_timeline": timeline,
         "p_value": latest.result.p_value if latest else None, "mmd2": latest.result.mmd2 if latest else None,
         "mean_shift": latest.result.mean_shift if latest else None, "threshold": settings.drift.alpha,
         "windows_required": settings.drift.windows,

@@ -63,6 +63,23 @@ def serving_at(client: MlflowClient, settings: Settings, when_ms: int) -> dict[s
     return {k: v for k, v in runs[0].data.tags.items() if k.startswith(("serving.", "airflow."))} if runs else None
 
 
+def serving_periods(client: MlflowClient, settings: Settings, model_name: str) -> list[tuple[str, int, int | None]]:
+    """``(version, from ms, until ms or None)`` of every rollout of ``model_name``, oldest first.
+
+    A version serves from its rollout until the next rollout (a rollback changes nothing: the
+    version before it serves on).
+    """
+    experiment = client.get_experiment_by_name(serving_experiment(settings))
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id],
+                              f"tags.`serving.outcome` = 'rolled_out' and tags.`serving.model_name` = '{model_name}'",
+                              order_by=["attributes.start_time ASC"], max_results=1000)
+    starts = [run.info.start_time for run in runs]
+    return [(run.data.tags["serving.model_version"], start, end)
+            for run, start, end in zip(runs, starts, [*starts[1:], None], strict=True)]
+
+
 def deployment_live_unrecorded(client: MlflowClient, settings: Settings, name: str, version: str) -> bool:
     """True when ``version`` serves but no live serving record says so (a retry after a kill mid-wait)."""
     live = serving_at(client, settings, int(time.time() * 1000) + 1)
