@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,24 @@ def test_settings_configmap_parses_with_the_settings_object():
     for overlay in OVERLAYS:
         settings = Settings.from_env(settings_of(overlay))
         assert settings.runner == "kubernetes" and settings.pods.namespace == "retrain"
+
+
+KUBEFLOW = K8S / "components" / "kubeflow-training"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_the_kubeflow_component_runs_several_nodes_as_pytorchjobs_and_grants_just_that(overlay, tmp_path):
+    from retrain.settings import Settings
+    from tests.support.kube import rbac_rules
+
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({  # an overlay of the user's, with the component
+        "resources": [os.path.relpath(overlay, tmp_path)], "components": [os.path.relpath(KUBEFLOW, tmp_path)]}))
+    docs = build(tmp_path)
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.37.0", strict=True)
+    plain = rbac_rules(build(overlay), "airflow-worker")
+    assert not {res for _, res in plain if res == "pytorchjobs"}  # the base needs no operator
+    assert rbac_rules(docs, "airflow-worker") - plain == {("create", "pytorchjobs"), ("list", "pytorchjobs"),
+                                                          ("delete", "pytorchjobs")}
+    config = next(cm["data"] for cm in by_kind(docs, "ConfigMap") if cm["metadata"]["name"].startswith("retrain-settings"))
+    assert Settings.from_env(config).pods.train_launcher == "pytorchjob"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from airflow.sdk.exceptions import AirflowException, AirflowRescheduleException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowRescheduleException
 
 from retrain.runners.distributed import distributed_train_operator
 from retrain.runners.kubernetes import stage_pod_operator
@@ -120,9 +121,8 @@ def test_two_nodes_rendezvous_and_rank_0s_result_is_the_xcom(cluster):
     assert {("create", "jobs"), ("create", "services"), ("delete", "jobs"), ("delete", "services")} <= emulator.verbs()
 
 
-def kustomize() -> list[dict]:
-    out = subprocess.run([KUBECTL, "kustomize", str(REPO / "k8s" / "overlays" / "gpu")], capture_output=True, text=True,
-                         check=True).stdout
+def kustomize(directory: Path = REPO / "k8s" / "overlays" / "gpu") -> list[dict]:
+    out = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=True).stdout
     return list(yaml.safe_load_all(out))
 
 
@@ -200,3 +200,35 @@ def test_two_gpus_in_one_pod_run_two_processes(cluster):
     assert base["command"][base["command"].index("--nproc-per-node") + 1] == "2" and "--standalone" in base["command"]
     log = emulator.logs_of("retrain", pod["metadata"]["name"])
     assert "probe rank 0/2 node 0 local 0" in log and "probe rank 1/2 node 0 local 1" in log
+
+
+def test_two_nodes_as_a_pytorchjob_where_the_training_operator_runs(cluster, tmp_path):
+    emulator, worker, _ = cluster
+    emulator.install_training_operator()
+    result = train_operator(worker, RETRAIN_TRAIN_NODES="2", RETRAIN_TRAIN_LAUNCHER="pytorchjob").execute(context())
+    assert result["world_size"] == 2 and result["all_reduced"] == 3.0
+    names = sorted(p["metadata"]["name"] for p in emulator.created)
+    name = names[0].removesuffix("-master-0")
+    assert names == [f"{name}-master-0", f"{name}-worker-0"]
+    command = emulator.created[0]["spec"]["containers"][0]["command"]
+    assert command[command.index("--rdzv-endpoint") + 1] == f"{name}-master-0:29400"
+    master = emulator.logs_of("retrain", f"{name}-master-0")
+    assert re.search(r"probe rank \d/2 node \d", master) and "all-reduced 3" in master
+    assert emulator.objects("pytorchjobs") == [] and emulator.objects("services") == [] and emulator.pods() == []
+    # The Role the kubeflow-training component adds to: exactly what the launcher called on PyTorchJobs.
+    (tmp_path / "overlay").mkdir()
+    (tmp_path / "overlay" / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(REPO / "k8s" / "overlays" / "gpu", tmp_path / "overlay")],
+        "components": [os.path.relpath(REPO / "k8s" / "components" / "kubeflow-training", tmp_path / "overlay")]}))
+    granted = rbac_rules(kustomize(tmp_path / "overlay"), "airflow-worker")
+    called = {c for c in emulator.verbs() if c[1] != "version"}
+    assert called <= granted
+    assert {c for c in called if c[1] == "pytorchjobs"} == {c for c in granted if c[1] == "pytorchjobs"}
+
+
+def test_a_pytorchjob_without_the_training_operator_fails_saying_what_to_do(cluster):
+    emulator, worker, _ = cluster
+    op = train_operator(worker, RETRAIN_TRAIN_NODES="2", RETRAIN_TRAIN_LAUNCHER="pytorchjob")
+    with pytest.raises(AirflowFailException, match="install the Kubeflow Training Operator, or set RETRAIN_TRAIN_LAUNCHER=job"):
+        op.execute(context())
+    assert emulator.created == []

@@ -6,6 +6,7 @@
 - :mod:`.kubelet`: runs each pod's container as a local subprocess, serves its log, preempts it;
 - :mod:`.dns`: Service and pod names, as the pods' commands use them, resolved to this machine's loopback;
 - :mod:`.jobs`: the Job controller (Indexed Jobs: a pod per index, status and conditions);
+- :mod:`.training`: the Kubeflow Training Operator's PyTorchJob controller, once a test installs it;
 - :mod:`.exec`: ``pods/exec`` with the ``v4``/``v5.channel.k8s.io`` WebSocket framing;
 - :mod:`.controllers`: the Deployment controller (generations, replicas, progress deadline);
 - :mod:`.service`: the serving Service, answering as the last rolled-out template's pods would;

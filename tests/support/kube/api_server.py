@@ -5,6 +5,8 @@
 - events: list (``involvedObject.name`` field selector);
 - services: list, create, get, delete (headless ones give their pods DNS names, :mod:`.dns`);
 - jobs (``batch/v1``, Indexed): list, create, get, delete, run by the Job controller (:mod:`.jobs`);
+- pytorchjobs (``kubeflow.org/v1``): the same, run by the Training Operator (:mod:`.training`) once a test
+  installs it (before, the resource does not exist: 404);
 - deployments: list, get, patch (strategic merge and JSON merge), and for kubectl ``rollout status``
   a watch stream (with streaming-list bookmarks, as kubectl 1.37 asks for) and discovery.
 
@@ -31,6 +33,7 @@ from .exec import Exec
 from .jobs import JobController
 from .kubelet import Kubelet
 from .store import Store, merge, now, selector_matches, status_response, strategic_merge
+from .training import TrainingOperator
 
 VERSION = {"major": "1", "minor": "37", "gitVersion": "v1.37.0"}
 _RESOURCE = {"namespaced": True, "verbs": ["get", "list", "watch", "create", "patch", "delete"]}
@@ -51,7 +54,7 @@ DISCOVERY = {
 }
 
 
-_KINDS = {"services": ("Service", "v1"), "jobs": ("Job", "batch/v1")}
+_KINDS = {"services": ("Service", "v1"), "jobs": ("Job", "batch/v1"), "pytorchjobs": ("PyTorchJob", "kubeflow.org/v1")}
 
 
 async def _propagation(request: web.Request, default: str) -> str:
@@ -73,12 +76,14 @@ class ApiServer:
         self.controller = controller
         self.exec = Exec(kubelet)
         self.jobs = JobController(store, self.add_pod, lambda ns, name: self.remove("pods", ns, name))
+        self.training = TrainingOperator(store, self.add_pod, lambda ns, svc: self.add_object("services", ns, svc))
+        self._controllers = {"jobs": self.jobs, "pytorchjobs": self.training}
         self.created: list[dict] = []  # every pod as it was created
         self.faults: list[int] = []  # statuses to answer the worker's next requests with
         self._cluster_ips = 0
 
     def app(self, middlewares: Iterable = ()) -> web.Application:
-        app = web.Application(middlewares=list(middlewares))
+        app = web.Application(middlewares=[*middlewares, self.crds])
         app.router.add_get("/version", lambda r: web.json_response(VERSION))
         for path, doc in DISCOVERY.items():
             app.router.add_get(path, lambda r, doc=doc: web.json_response(doc))
@@ -93,7 +98,8 @@ class ApiServer:
         app.router.add_post(pods + "/{name}/exec", self.exec.pod_exec)
         app.router.add_get("/api/v1/namespaces/{ns}/events", self.list_events)
         for path, resource in (("/api/v1/namespaces/{ns}/services", "services"),
-                               ("/apis/batch/v1/namespaces/{ns}/jobs", "jobs")):
+                               ("/apis/batch/v1/namespaces/{ns}/jobs", "jobs"),
+                               ("/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs", "pytorchjobs")):
             app.router.add_get(path, lambda r, res=resource: self.list_objects(r, res))
             app.router.add_post(path, lambda r, res=resource: self.create_object(r, res))
             app.router.add_get(path + "/{name}", lambda r, res=resource: self.get_object(r, res))
@@ -186,7 +192,14 @@ class ApiServer:
         items = self.store.items("events", request.match_info["ns"], request.query.get("fieldSelector"))
         return web.json_response({"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": items})
 
-    # ---- services, jobs ----------------------------------------------------------------------------
+    # ---- services, jobs, pytorchjobs ---------------------------------------------------------------
+    @web.middleware
+    async def crds(self, request: web.Request, handler):
+        """Without the Training Operator's CRD, ``pytorchjobs`` is not a resource: 404, as an API server answers."""
+        if "/kubeflow.org/" in request.path and not self.training.installed:
+            return status_response(404, "NotFound", "the server could not find the requested resource")
+        return await handler(request)
+
     async def list_objects(self, request: web.Request, resource: str) -> web.Response:
         items = [o for o in self.store.items(resource, request.match_info["ns"], request.query.get("fieldSelector"))
                  if selector_matches(o["metadata"].get("labels", {}), request.query.get("labelSelector"))]
@@ -200,9 +213,15 @@ class ApiServer:
         kind, version = _KINDS[resource]
         if (resource, ns, name) in self.store.objects:
             return status_response(409, "AlreadyExists", f'{resource} "{name}" already exists')
-        refusal = self.jobs.admit(ns, obj) if resource == "jobs" else None
+        controller = self._controllers.get(resource)
+        refusal = controller.admit(ns, obj) if controller else None
         if refusal:
             return status_response(422, "Invalid", f'{kind}.{version.split("/")[0]} "{name}" is invalid: {refusal}')
+        return web.json_response(self.add_object(resource, ns, obj), status=201)
+
+    def add_object(self, resource: str, ns: str, obj: dict) -> dict:
+        """Store a new Service, Job or PyTorchJob (for a client's request, or a controller's) and hand it to its controller."""
+        kind, version = _KINDS[resource]
         obj.update(kind=kind, apiVersion=version)
         obj["metadata"].update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
         if resource == "services":
@@ -212,11 +231,11 @@ class ApiServer:
                 self._cluster_ips += 1
                 spec["clusterIP"] = f"10.96.{self._cluster_ips // 256}.{self._cluster_ips % 256}"
             obj["status"] = {"loadBalancer": {}}
-        self.store.objects[(resource, ns, name)] = obj
-        if resource == "jobs":
-            self.jobs.created(ns, obj)
+        self.store.objects[(resource, ns, obj["metadata"]["name"])] = obj
+        if controller := self._controllers.get(resource):
+            controller.created(ns, obj)
         self.store.bump(obj)
-        return web.json_response(obj, status=201)
+        return obj
 
     async def get_object(self, request: web.Request, resource: str) -> web.Response:
         obj = self.store.objects.get((resource, request.match_info["ns"], request.match_info["name"]))

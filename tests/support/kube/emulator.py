@@ -153,6 +153,10 @@ class KubeEmulator:
         """Create a Deployment already rolled out; ``ready(pod_template)`` says if its new pods become ready."""
         self._in_loop(self.controller.add, deployment, ready)
 
+    def install_training_operator(self) -> None:
+        """The Kubeflow Training Operator and its CRDs: ``pytorchjobs`` becomes a resource (:mod:`.training`)."""
+        self.api.training.installed = True
+
     def preempt(self, namespace: str, name: str, reason: str = "TerminationByKubelet") -> None:
         """What a node's shutdown does to a running pod: the ``DisruptionTarget`` condition, then SIGTERM."""
         self._in_loop(self.kubelet.preempt, namespace, name, reason)

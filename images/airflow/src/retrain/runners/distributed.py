@@ -39,7 +39,9 @@ from typing import Any
 
 from airflow.providers.cncf.kubernetes.kubernetes_helper_functions import generic_api_retry
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.utils.container import container_is_running
 from airflow.providers.cncf.kubernetes.utils.pod_manager import PodLaunchFailedException
+from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import ApiClient
 from kubernetes.client import models as k8s
@@ -205,8 +207,11 @@ class DistributedStageOperator(KubernetesPodOperator):
             self.log.info("stopped following the log of pod %s: %s", pod.metadata.name, exc)
 
     def _result(self, pod: k8s.V1Pod) -> dict[str, Any] | None:
-        """The pod's result file (rank 0's pod has one), read through the XCom sidecar, which then stops."""
-        if not self.do_xcom_push or not self.pod_manager.container_is_running(pod, "airflow-xcom-sidecar"):
+        """The pod's result file (rank 0's pod has one), read through the XCom sidecar, which then stops.
+
+        ``pod`` is as last listed: it may be gone by now (the Job controller stops a failed Job's pods).
+        """
+        if not self.do_xcom_push or not container_is_running(pod, PodDefaults.SIDECAR_CONTAINER_NAME):
             return None
         try:
             return self.extract_xcom(pod)
@@ -332,23 +337,30 @@ class PyTorchJobStageOperator(DistributedStageOperator):
             },
         }]
 
-    @generic_api_retry
-    def create(self, obj: Any) -> None:
-        self.hook.custom_object_client.create_namespaced_custom_object(namespace=self.namespace, body=obj, **PYTORCHJOB)
+    def _call(self, method: str, **kwargs: Any) -> Any:
+        """A CustomObjectsApi call on PyTorchJobs; a 404 of the resource itself says the operator is missing."""
+        try:
+            return generic_api_retry(getattr(self.hook.custom_object_client, method))(
+                namespace=self.namespace, **PYTORCHJOB, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404 and "name" not in kwargs:  # the resource, not one object, is not found: no CRD
+                raise AirflowFailException(
+                    "PyTorchJob (kubeflow.org/v1) is not a resource of this cluster: install the Kubeflow Training "
+                    "Operator, or set RETRAIN_TRAIN_LAUNCHER=job (an Indexed Job, no operator needed)") from exc
+            raise
 
-    @generic_api_retry
+    def create(self, obj: Any) -> None:
+        self._call("create_namespaced_custom_object", body=obj)
+
     def delete(self, name: str) -> None:
         try:
-            self.hook.custom_object_client.delete_namespaced_custom_object(
-                namespace=self.namespace, name=name, body=BACKGROUND, **PYTORCHJOB)
+            self._call("delete_namespaced_custom_object", name=name, body=BACKGROUND)
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
-    @generic_api_retry
     def attempts(self, selector: str) -> list[str]:
-        found = self.hook.custom_object_client.list_namespaced_custom_object(
-            namespace=self.namespace, label_selector=selector, **PYTORCHJOB)
+        found = self._call("list_namespaced_custom_object", label_selector=selector)
         return [obj["metadata"]["name"] for obj in found.get("items", [])]
 
     def node_of(self, pod: k8s.V1Pod) -> int:
