@@ -27,6 +27,9 @@ def module(stage: str) -> str:
 
 # Distributed training: the train stage under torchrun (torch.distributed.run), one process per GPU.
 RENDEZVOUS_PORT = 29400  # torchrun's c10d rendezvous on the first node (a headless Service names it)
+# torchrun with this protocol's exit codes (torchrun itself exits 1 for a preempted rank and on SIGTERM):
+# the module takes torchrun's own flags; see embedder.torchrun.
+LAUNCHER = "embedder.torchrun"
 
 
 def command(stage: str, python: str = "python", *, nproc_per_node: int | str = 1, nnodes: int = 1,
@@ -38,6 +41,10 @@ def command(stage: str, python: str = "python", *, nproc_per_node: int | str = 1
     ``nnodes`` > 1 rendezvous at ``rdzv_endpoint`` (``host:port``) under ``rdzv_id`` with the c10d
     backend, one node alone uses ``--standalone``. ``--max-restarts 0``: a failed rank fails the
     stage, and the runner's own preemption and retry rules decide what happens next.
+
+    torchrun runs as :data:`LAUNCHER`, which takes torchrun's flags and exits with this protocol's
+    codes: :data:`EXIT_PREEMPTED` when the ranks stopped on SIGTERM (it forwards SIGTERM to every
+    rank), :data:`EXIT_BAD_INPUT` for bad input, and otherwise 1 with a line naming the rank that failed.
     """
     if nnodes < 1:
         raise ValueError(f"nnodes must be at least 1, got {nnodes}")
@@ -45,7 +52,7 @@ def command(stage: str, python: str = "python", *, nproc_per_node: int | str = 1
         raise ValueError(f"nproc_per_node must be 'auto' or at least 1, got {nproc_per_node!r}")
     if nnodes == 1 and str(nproc_per_node) == "1":
         return [python, "-m", module(stage)]
-    launcher = [python, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node),
+    launcher = [python, "-m", LAUNCHER, "--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node),
                 "--max-restarts", "0"]
     if nnodes == 1:
         launcher.append("--standalone")

@@ -15,7 +15,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,37 @@ class StagePreempted(RuntimeError):
     """The stage stopped on request (SIGTERM) after saving what it needs to resume."""
 
 
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"  # where torchrun reads why a rank failed
+
+
+def rank() -> int:
+    """This process's rank under torchrun (``RANK``); 0 for a stage run on its own."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def record_error(message: str) -> None:
+    """Under torchrun, write ``message`` to this rank's error file, where the launcher reads why it failed.
+
+    The plain-message form of torch's error file (``{"message": ..., "timestamp": ...}``); nothing
+    without ``TORCHELASTIC_ERROR_FILE``. Exceptions that escape are written by torch's ``@record``.
+    """
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        Path(path).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+
+
+class _StageParser(argparse.ArgumentParser):
+    """argparse, with the usage error also written to the torchrun error file (see :func:`record_error`)."""
+
+    def error(self, message: str):
+        record_error(f"{self.prog}: error: {message}")
+        super().error(message)
+
+
 def new_parser(module: str, doc: str) -> argparse.ArgumentParser:
     """A stage's parser with the flags every stage takes: the MLflow experiment, where to write the result and
     which Airflow run this is. ``module`` is the stage's module name, ``doc`` its docstring (the description)."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+    parser = _StageParser(prog=f"python -m {module}", description=doc.splitlines()[0])
     parser.add_argument("--experiment", required=True, help="MLflow experiment name")
     parser.add_argument(
         "--result-path",
@@ -75,22 +104,36 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, handlers=[out, err], force=True)
 
 
+def label_log_lines(label: str) -> None:
+    """Put ``[label]`` before every message (``[rank 1]``), keeping :data:`LOG_FORMAT`'s level field."""
+    formatter = logging.Formatter(LOG_FORMAT.replace("%(message)s", f"[{label}] %(message)s"))
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
+
+
 def run_stage(
     parser: argparse.ArgumentParser,
-    main: Callable[[argparse.Namespace], Result],
+    main: Callable[[argparse.Namespace], Result | None],
     argv: Sequence[str] | None = None,
 ) -> int:
-    """Parse ``argv``, run ``main`` and write its result; return the process exit code."""
+    """Parse ``argv``, run ``main`` and write its result; return the process exit code.
+
+    ``main`` returns None on the ranks other than 0 of a distributed run: rank 0 writes the result.
+    """
     configure_logging()
     args = parser.parse_args(argv)
     try:
         result = main(args)
     except StageInputError as exc:
         log.error("%s: error: %s", parser.prog, exc)
+        record_error(f"{parser.prog}: error: {exc}")
         return EXIT_BAD_INPUT
     except StagePreempted as exc:
         log.warning("%s: preempted: %s", parser.prog, exc)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # saved and recorded: exit 75 whatever else is sent meanwhile
         return EXIT_PREEMPTED
+    if result is None or rank() != 0:
+        return 0
     write_result(result_path(args), result.to_json())
     log.info("%s: result written to %s", parser.prog, result_path(args))
     return 0
