@@ -158,6 +158,7 @@ class Settings:
     checkpoint_every_steps: int = 500
     checkpoint_retention_days: float = 7.0  # finished runs' checkpoint files are deleted this long after
     preemption_delay_s: float = 30.0
+    train_procs: int | str = 1  # local mode: train's processes on this machine (torchrun); "auto": one per GPU
     drift: DriftSettings = field(default_factory=DriftSettings)
     pods: PodSettings = field(default_factory=PodSettings)
     # Each run Param's default in this deployment (RETRAIN_EPOCHS, ...): what runs without a conf use.
@@ -201,6 +202,7 @@ class Settings:
             checkpoint_every_steps=int(_number(env, "RETRAIN_CHECKPOINT_EVERY_STEPS", 500, inclusive=True)),
             checkpoint_retention_days=_number(env, "RETRAIN_CHECKPOINT_RETENTION_DAYS", 7.0, inclusive=True),
             preemption_delay_s=_number(env, "RETRAIN_PREEMPTION_DELAY_S", 30.0, inclusive=True),
+            train_procs=_train_procs(env),
             drift=DriftSettings.from_env(env, home, defaults),
             pods=PodSettings.from_env(env),
             param_defaults=defaults,
@@ -261,6 +263,20 @@ def _count(env: Mapping[str, str], name: str, default: int, minimum: int) -> int
         raise SettingsError(f"{name}={raw!r} is not a whole number")
     if int(raw) < minimum:
         raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
+    return int(raw)
+
+
+MAX_TRAIN_PROCS = 64
+
+
+def _train_procs(env: Mapping[str, str]) -> int | str:
+    """``RETRAIN_TRAIN_PROCS``: ``auto`` (one process per visible GPU, one without GPUs) or 1 to :data:`MAX_TRAIN_PROCS`."""
+    raw = env.get("RETRAIN_TRAIN_PROCS", "1").strip()
+    if raw == "auto":
+        return raw
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_TRAIN_PROCS:
+        raise SettingsError(f"RETRAIN_TRAIN_PROCS={raw!r} must be 'auto' (one training process per visible GPU, one "
+                            f"without GPUs) or a whole number from 1 to {MAX_TRAIN_PROCS}")
     return int(raw)
 
 

@@ -31,7 +31,8 @@ def stage_operator(name: str, arguments: list[str], settings: Settings, **kwargs
         from retrain.runners.local import LocalStageOperator
 
         return LocalStageOperator(task_id=name, stage=spec, arguments=arguments, python=settings.local_python,
-                                  env=settings.stage_env(), preemption_delay_s=settings.preemption_delay_s, **kwargs)
+                                  env=settings.stage_env(), preemption_delay_s=settings.preemption_delay_s,
+                                  nproc_per_node=settings.train_procs if spec.gpu else 1, **kwargs)
     if name == "train" and settings.pods.train_nodes > 1:
         from retrain.runners.distributed import distributed_train_operator
 

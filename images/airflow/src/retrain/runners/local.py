@@ -24,20 +24,29 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from retrain import links
 from retrain.runners.common import StageSpec, reschedule_after_preemption
+from retrain_contract import stages
 from retrain_contract.stages import EXIT_BAD_INPUT, EXIT_PREEMPTED, RESULT_PATH_ENV
 
 
 class LocalStageOperator(BaseOperator):
-    """Run a stage as a local subprocess, stream its output to the task log, return its JSON result."""
+    """Run a stage as a local subprocess, stream its output to the task log, return its JSON result.
+
+    With ``nproc_per_node`` other than 1 the stage runs under torchrun (:func:`retrain_contract.stages.command`),
+    one process per GPU: rank 0 logs the stage's progress and the other ranks only their warnings and
+    errors, all relayed like a single process's lines; the launcher exits with the stage's codes and
+    names the rank that failed.
+    """
 
     template_fields: Sequence[str] = ("arguments",)
     operator_extra_links = (links.MLFLOW_RUN,)
     ui_color = "#e8f4ea"
 
     def __init__(self, *, stage: StageSpec, arguments: list[str], python: str, env: dict[str, str],
-                 preemption_delay_s: float = 30.0, kill_grace_s: float = 30.0, **kwargs: Any):
+                 preemption_delay_s: float = 30.0, kill_grace_s: float = 30.0, nproc_per_node: int | str = 1,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.stage = stage
+        self.nproc_per_node = nproc_per_node
         self.arguments = arguments
         self.python = python
         self.env = env
@@ -49,7 +58,8 @@ class LocalStageOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix=f"{self.stage.name}-") as tmp:
             result_path = Path(tmp) / "return.json"
-            cmd = [*self.stage.command(self.python), *map(str, self.arguments)]
+            cmd = [*stages.command(self.stage.name, self.python, nproc_per_node=self.nproc_per_node),
+                   *map(str, self.arguments)]
             env = {**os.environ, **self.env, RESULT_PATH_ENV: str(result_path)}
             self.log.info("running stage %s: %s", self.stage.name, shlex.join(cmd))
             self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
