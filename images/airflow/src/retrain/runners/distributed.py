@@ -142,8 +142,8 @@ class DistributedStageOperator(KubernetesPodOperator):
             self.log.info("deleting %s %s, left by an earlier attempt of this try", self.kind, old)
             self.delete(old)
         name, objects = self.render_attempt(context)
-        self.log.info("running %s on %d nodes (%s x %d processes) as %s %s", self.task_id, self.nodes,
-                      self.nproc_per_node, self.nodes, self.kind, name)
+        self.log.info("running %s as %s %s on %d nodes, world size %d (processes per node: %d)", self.task_id,
+                      self.kind, name, self.nodes, self.nodes * self.nproc_per_node, self.nproc_per_node)
         for obj in objects:
             self.create(obj)
         self.attempt = name
