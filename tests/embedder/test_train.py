@@ -45,8 +45,8 @@ class Recorder:
 
 def tiny_args(epochs: int, learning_rate: float) -> argparse.Namespace:
     return argparse.Namespace(epochs=epochs, learning_rate=learning_rate, weight_decay=0.0, amp="off",
-                              log_every_steps=1000, checkpoint_every_steps=0, progress_every_steps=1000,
-                              progress_every_s=1000.0)
+                              channels_last="off", compile="off", log_every_steps=1000, checkpoint_every_steps=0,
+                              progress_every_steps=1000, progress_every_s=1000.0)
 
 
 def test_each_epochs_learning_rate_metric_is_the_rate_it_trained_with():

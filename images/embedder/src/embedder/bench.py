@@ -151,8 +151,8 @@ def checkpoints(args: argparse.Namespace, tmp: str, manifest: data.Manifest) -> 
     trainer.load_state_dict(restored.state)
     checkpoint_writer.set_rng_state(restored.state["rng"])
     progress = loop.Progress(**restored.state["progress"])
-    loader.batch_sampler.set_epoch(progress.epoch % args.epochs, progress.batch)
-    inputs, targets = next(iter(loader))
+    loader.batch_sampler.set_epoch(progress.epoch % args.epochs, progress.samples)
+    inputs, targets, _ = next(iter(loader))
     trainer.step(inputs, targets)
     first_step = time.perf_counter()
 

@@ -242,6 +242,10 @@ class ManifestDataset(Dataset):
             )
         return data
 
+    def read(self, index: int) -> bytes:
+        """The ``index``-th file's bytes, checked against the manifest's size."""
+        return self._read(self.entries[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         entry = self.entries[index]
         return self.transform(self.image(index)), self.class_to_idx.get(entry.label, -1)

@@ -104,15 +104,19 @@ def world_from_env(env: Mapping[str, str]) -> tuple[int, int, int, int]:
 def initialized(device_type: str, timeout_s: float, env: Mapping[str, str] | None = None) -> Iterator[World]:
     """The process group for this stage's lifetime: NCCL on ``cuda``, gloo otherwise, collectives
     bounded by ``timeout_s``. With one process: :data:`SINGLE`, and nothing is initialised."""
-    rank, size, local_rank, local_size = world_from_env(os.environ if env is None else env)
+    env = os.environ if env is None else env
+    rank, size, local_rank, local_size = world_from_env(env)
+    if LAUNCHER_PID_ENV in env:  # under embedder.torchrun, even as its only process
+        die_with_launcher()
     if size == 1:
         yield SINGLE
         return
-    die_with_launcher()
+    timeout = timedelta(seconds=timeout_s)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    timeout = timedelta(seconds=timeout_s)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
     try:
         control = dist.new_group(backend="gloo", timeout=timeout)
         world = World(rank, size, local_rank, local_size, control)

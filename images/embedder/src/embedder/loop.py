@@ -1,23 +1,39 @@
 """The training loop and its bookkeeping: the state a checkpoint saves, one optimizer step, the epoch
-loop, its metrics (never logged twice), its progress lines, and SIGTERM honoured at a step boundary."""
+loop, its metrics (never logged twice), its progress lines, and SIGTERM honoured at a step boundary.
+
+With several data-parallel processes (see :mod:`embedder.distributed`) every rank runs this loop on
+its share of each step's global batch; the model is wrapped in ``DistributedDataParallel``, the
+epoch's sums are added up over the ranks before anything is logged, rank 0 alone logs and saves,
+and a SIGTERM to any rank stops every rank after the same step.
+
+MLflow is imported only where metrics are logged, so the loop runs where MLflow is not installed
+(the GPU benchmark, :mod:`embedder.bench_gpu`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import mlflow
 import torch
-from mlflow.entities import Metric
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from embedder import checkpoint_writer, model, stage
+from embedder.device_decode import EncodedBatch
+from embedder.distributed import SINGLE, World
 from embedder.loaders import EpochBatchSampler
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
 
 log = logging.getLogger("embedder.train")
 EPOCH_METRICS = ("train_loss", "train_accuracy", "images_per_sec", "epoch_seconds", "learning_rate", "val_accuracy")
@@ -29,40 +45,49 @@ class Progress:
     """Where training stands; saved in every checkpoint."""
 
     epoch: int = 0  # epochs completed
-    batch: int = 0  # batches done in the epoch in progress
+    batch: int = 0  # optimizer steps done in the epoch in progress
     global_step: int = 0
-    loss_sum: float = 0.0  # over the epoch in progress
+    loss_sum: float = 0.0  # over the epoch in progress, all ranks together
     correct: int = 0
     seen: int = 0
     seconds: float = 0.0
+    samples: int = 0  # where the epoch in progress stands in its order: images done by all ranks together
 
     def next_epoch(self) -> None:
         self.epoch += 1
-        self.batch = self.seen = self.correct = 0
+        self.batch = self.seen = self.correct = self.samples = 0
         self.loss_sum = self.seconds = 0.0
 
 
 class EpochMeter:
-    """The epoch's loss and correct counts: summed on the device, copied into ``progress`` by ``sync``.
+    """The epoch's loss, correct and image counts: summed on the device, added into ``progress`` by ``sync``.
 
-    Keeping the sums on the device avoids a GPU sync per step; ``sync`` (at checkpoints and the
-    epoch end) also adds the time since the last sync to ``progress.seconds``.
+    Keeping the sums on the device avoids a GPU sync per step. ``sync`` (at checkpoints and the
+    epoch end, where every rank calls it at the same step) adds the sums of every rank since the
+    last sync into ``progress``, which so holds the whole job's sums, the same on every rank, and
+    adds the time since the last sync to ``progress.seconds``.
     """
 
-    def __init__(self, progress: Progress, device: torch.device):
-        self.progress = progress
+    def __init__(self, progress: Progress, device: torch.device, world: World = SINGLE):
+        self.progress, self.device, self.world = progress, device, world
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
-        self.loss_before, self.correct_before = progress.loss_sum, progress.correct
+        self.seen = 0
         self.mark = time.perf_counter()
 
-    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, images: int) -> None:
         self.loss_sum += loss_sum
         self.correct += correct
+        self.seen += images
 
     def sync(self) -> None:
-        self.progress.loss_sum = self.loss_before + self.loss_sum.item()
-        self.progress.correct = self.correct_before + int(self.correct.item())
+        loss_sum, correct, seen = self.world.sum([self.loss_sum, self.correct, self.seen], self.device)
+        self.progress.loss_sum += loss_sum
+        self.progress.correct += int(correct)
+        self.progress.seen += int(seen)
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.seen = 0
         now = time.perf_counter()
         self.progress.seconds += now - self.mark
         self.mark = now
@@ -80,25 +105,58 @@ class EpochStats:
         return self.images / self.seconds if self.seconds else 0.0
 
 
-class Trainer:
-    """The model, optimizer, LR schedule and gradient scaler, and one optimizer step."""
+def switch(value: str, device: torch.device) -> bool:
+    """An ``auto``/``on``/``off`` flag: ``auto`` is on for CUDA, off on the CPU."""
+    return value == "on" or (value == "auto" and device.type == "cuda")
 
-    def __init__(self, net: model.Classifier, args: argparse.Namespace, device: torch.device):
-        self.net = net.to(device)
-        self.device = device
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """Mixed precision's type: bfloat16 (no gradient scaler needed) where the device has it, else float16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+class Trainer:
+    """The model, optimizer, LR schedule and gradient scaler, and one optimizer step.
+
+    ``net`` is the model itself (its state is what checkpoints save and what is exported);
+    ``model`` is what trains: ``net`` in ``DistributedDataParallel`` with several ranks, compiled
+    with ``--compile``. On CUDA by default (``auto``): mixed precision in bfloat16 (float16 with a
+    gradient scaler on GPUs without bfloat16), ``channels_last`` memory format, ``torch.compile`` and
+    the fused AdamW.
+    """
+
+    def __init__(self, net: model.Classifier, args: argparse.Namespace, device: torch.device, world: World = SINGLE):
+        self.device, self.world = device, world
+        self.channels_last = switch(args.channels_last, device)
+        self.memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        self.net = net.to(device, memory_format=self.memory_format)
         self.amp = (device.type == "cuda" and args.amp == "auto") or args.amp == "on"
-        self.amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        self.optimizer = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+        self.amp_dtype = amp_dtype(device)
+        self.compiled = switch(args.compile, device)
+        trained: nn.Module = self.net
+        if world.distributed:
+            trained = DistributedDataParallel(self.net, device_ids=[device.index] if device.type == "cuda" else None,
+                                              gradient_as_bucket_view=True)
+        self.model = torch.compile(trained) if self.compiled else trained
+        self.optimizer = torch.optim.AdamW(net.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay,
+                                           fused=device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=args.epochs)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp and self.amp_dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss()
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step (the net in train mode); returns the batch's summed loss and correct count (on the device)."""
-        inputs = inputs.to(self.device, non_blocking=True)
+    def step(self, inputs: torch.Tensor | EncodedBatch, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step (the model in train mode); returns the batch's summed loss and correct count (on the device).
+
+        ``inputs``: a batch of images, or JPEG files for the device to decode (``--decode-on device``).
+        """
+        if isinstance(inputs, EncodedBatch):
+            inputs = inputs.decode(self.device)
+        inputs = inputs.to(self.device, non_blocking=True, memory_format=self.memory_format)
         targets = targets.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            logits = self.net(inputs)
+            logits = self.model(inputs)
             loss = self.criterion(logits, targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -119,7 +177,9 @@ class Trainer:
 
 
 @torch.inference_mode()
-def accuracy(net: model.Classifier, loader: DataLoader, device: torch.device | None = None) -> float:
+def accuracy(net: model.Classifier, loader: DataLoader, device: torch.device | None = None,
+             world: World = SINGLE) -> float:
+    """Top-1 accuracy over ``loader``; with several ranks each scores its share and the counts are added up."""
     net.eval()
     correct = seen = 0
     for inputs, targets in loader:
@@ -127,6 +187,7 @@ def accuracy(net: model.Classifier, loader: DataLoader, device: torch.device | N
             inputs, targets = inputs.to(device), targets.to(device)
         correct += (net(inputs).argmax(1) == targets).sum().item()
         seen += len(targets)
+    correct, seen = world.sum([correct, seen], device or torch.device("cpu"))
     return correct / seen if seen else float("nan")
 
 
@@ -186,6 +247,8 @@ class MetricLog:
     """
 
     def __init__(self, run_id: str, keys: tuple[str, ...], resumed: bool):
+        import mlflow
+
         self.client = mlflow.MlflowClient()
         self.run_id = run_id
         self.floor: dict[str, int] = {}
@@ -198,6 +261,8 @@ class MetricLog:
         self.dropped = 0
 
     def add(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         for key, value in metrics.items():
             if step <= self.floor.get(key, -1):
@@ -226,6 +291,8 @@ class StopSignal:
         self.requested_at: float | None = None
         self.immediate = False
         self._previous = None
+        self._pending: tuple[Any, torch.Tensor] | None = None  # the stop reduction in flight (several ranks)
+        self.stopping = False  # the ranks agreed to stop (set by agreed and settle)
 
     def __enter__(self) -> StopSignal:
         self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -246,49 +313,113 @@ class StopSignal:
     def requested(self) -> bool:
         return self.requested_at is not None
 
+    def agreed(self, world: World = SINGLE) -> bool:
+        """Whether to stop after this step, called after every step on every rank.
+
+        One process: whether SIGTERM came. Several: whether it came to any rank by the previous
+        step. Each call starts an all-reduce (MAX) of this rank's request on the control group and
+        reads the one the previous call started, which is done by then: no rank waits, and every
+        rank reads the same value at the same step, so all stop after the same step.
+        """
+        if not world.distributed:
+            decided = self.requested
+        else:
+            decided = self._read_pending()
+            flag = torch.tensor([int(self.requested)])
+            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=world.control, async_op=True)
+            self._pending = (work, flag)
+        self.stopping = self.stopping or decided
+        return decided
+
+    def settle(self, world: World = SINGLE) -> bool:
+        """Whether any rank has asked to stop, now (a blocking reduction; every rank calls it at the same point)."""
+        if not world.distributed:
+            decided = self.requested
+        else:
+            decided = self._read_pending()
+            flag = torch.tensor([int(self.requested)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=world.control)
+            decided = decided or bool(flag.item())
+        self.stopping = self.stopping or decided
+        return decided
+
+    def _read_pending(self) -> bool:
+        if self._pending is None:
+            return False
+        (work, flag), self._pending = self._pending, None
+        work.wait()
+        return bool(flag.item())
+
+
+class SampleTrace:
+    """Which images each step trained on, one JSON line per step (``--trace-samples``: for checking, not for speed).
+
+    Each rank appends to ``<dir>/rank-<rank>.jsonl``: ``{"epoch": e, "step": global step, "indices": [...]}``,
+    the manifest indices of the split's images in the order the rank's batch held them.
+    """
+
+    def __init__(self, directory: str, rank: int):
+        self.path = Path(directory) / f"rank-{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, epoch: int, step: int, indices: torch.Tensor) -> None:
+        with self.path.open("a") as out:
+            out.write(json.dumps({"epoch": epoch, "step": step, "indices": indices.tolist()}) + "\n")
+
 
 # -- the loop ----------------------------------------------------------------------------------
 
 
 def fit(trainer: Trainer, progress: Progress, args: argparse.Namespace, train_loader: DataLoader,
         val_loader: DataLoader | None, metrics: MetricLog | None, saver: checkpoint_writer.AsyncCheckpointer | None,
-        stop: StopSignal, base_state: dict[str, Any]) -> dict[str, float]:
-    """Train from ``progress`` to ``args.epochs``; returns the last epoch's metrics."""
+        stop: StopSignal, base_state: dict[str, Any], world: World = SINGLE,
+        trace: SampleTrace | None = None) -> dict[str, float]:
+    """Train from ``progress`` to ``args.epochs``; returns the last epoch's metrics.
+
+    Every rank runs it: ``saver`` (given on every rank when there is a checkpoint location) writes
+    on rank 0 only, ``metrics`` is rank 0's alone (None elsewhere).
+    """
     sampler: EpochBatchSampler = train_loader.batch_sampler
-    per_epoch = sampler.batches_per_epoch
     last: dict[str, float] = {}
-    reporter = ProgressLog(args.progress_every_steps, args.progress_every_s, args.epochs, per_epoch)
+    reporter = ProgressLog(args.progress_every_steps, args.progress_every_s, args.epochs,
+                           sampler.batches_per_epoch) if world.is_main else None
 
     def save(wait: bool = False, metric: float | None = None) -> None:
         if metrics:
             metrics.flush()
-        if saver is None:
+        if saver is None or not world.is_main:
             return
         state = {**base_state, **trainer.state_dict(), "progress": asdict(progress), "rng": checkpoint_writer.rng_state()}
         saver.save(state, wait=wait, global_step=progress.global_step, epoch=progress.epoch, batch=progress.batch,
                    metric=metric)
 
     for epoch in range(progress.epoch, args.epochs):
-        sampler.set_epoch(epoch, progress.batch)
-        trainer.net.train()  # validation at the end of the previous epoch left it in eval mode
-        meter = EpochMeter(progress, trainer.device)
-        for inputs, targets in train_loader:
+        sampler.set_epoch(epoch, progress.samples)
+        per_epoch = progress.batch + len(sampler)
+        trainer.model.train()  # validation at the end of the previous epoch left it in eval mode
+        meter = EpochMeter(progress, trainer.device, world)
+        for inputs, targets, indices in train_loader:
             batch_loss, batch_correct = trainer.step(inputs, targets)
-            meter.add(batch_loss, batch_correct)
+            meter.add(batch_loss, batch_correct, len(targets))
             progress.batch += 1
             progress.global_step += 1
-            progress.seen += len(targets)
-            if metrics and progress.global_step % args.log_every_steps == 0:
-                metrics.add({"batch_loss": batch_loss.item() / len(targets)}, progress.global_step)
-            reporter.step(progress, len(targets), batch_loss)
-            if stop.requested:
+            progress.samples = min(sampler.size, progress.samples + sampler.global_batch)
+            if trace:
+                trace.write(epoch + 1, progress.global_step, indices)
+            if progress.global_step % args.log_every_steps == 0 and (metrics or world.distributed):
+                loss_sum, images = world.sum([batch_loss, len(targets)], trainer.device)
+                if metrics:
+                    metrics.add({"batch_loss": loss_sum / images}, progress.global_step)
+            if reporter:
+                reporter.step(progress, len(targets) * world.size, batch_loss)
+            if stop.agreed(world):
                 meter.sync()
                 if saver is None:
                     raise stage.StagePreempted("SIGTERM and no checkpoint location; the retry starts over")
                 save(wait=True)
                 raise stage.StagePreempted(
                     f"SIGTERM at epoch {epoch + 1}, step {progress.global_step}; checkpoint saved "
-                    f"{time.monotonic() - stop.requested_at:.1f} s after the signal")
+                    f"{time.monotonic() - (stop.requested_at or time.monotonic()):.1f} s after the signal")
             if args.checkpoint_every_steps and progress.global_step % args.checkpoint_every_steps == 0 \
                     and progress.batch < per_epoch:
                 meter.sync()
@@ -296,25 +427,27 @@ def fit(trainer: Trainer, progress: Progress, args: argparse.Namespace, train_lo
         meter.sync()
         learning_rate = trainer.scheduler.get_last_lr()[0]  # the rate this epoch trained with
         trainer.scheduler.step()  # the next epoch's
-        last = epoch_metrics(progress, learning_rate, trainer, val_loader)
+        last = epoch_metrics(progress, learning_rate, trainer, val_loader, world)
         log.info("epoch %d/%d: %s", epoch + 1, args.epochs, ", ".join(f"{k}={v:.4g}" for k, v in last.items()))
         if metrics:
             metrics.add(last, epoch + 1)
         progress.next_epoch()
+        stopping = stop.settle(world)
         # The best checkpoint is the one with the best validation accuracy (lowest loss without one).
-        save(wait=epoch + 1 == args.epochs or stop.requested, metric=last.get("val_accuracy", -last["train_loss"]))
-        if stop.requested:
+        save(wait=epoch + 1 == args.epochs or stopping, metric=last.get("val_accuracy", -last["train_loss"]))
+        if stopping:
             raise stage.StagePreempted(f"SIGTERM during epoch {epoch + 1}; its end-of-epoch checkpoint is saved")
     return last
 
 
 def epoch_metrics(progress: Progress, learning_rate: float, trainer: Trainer,
-                  val_loader: DataLoader | None) -> dict[str, float]:
-    """The metrics of the epoch ``progress`` has just completed (validation accuracy when there is a ``val`` split)."""
+                  val_loader: DataLoader | None, world: World = SINGLE) -> dict[str, float]:
+    """The metrics of the epoch ``progress`` has just completed (validation accuracy when there is a ``val`` split),
+    over all ranks."""
     seen = progress.seen
     stats = EpochStats(progress.loss_sum / seen, progress.correct / seen, seen, progress.seconds)
     metrics = {"train_loss": stats.loss, "train_accuracy": stats.accuracy, "images_per_sec": stats.images_per_sec,
                "epoch_seconds": stats.seconds, "learning_rate": learning_rate}
     if val_loader is not None:
-        metrics["val_accuracy"] = accuracy(trainer.net, val_loader, trainer.device)
+        metrics["val_accuracy"] = accuracy(trainer.net, val_loader, trainer.device, world)
     return metrics

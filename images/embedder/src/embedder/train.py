@@ -19,7 +19,16 @@ same weights as an uninterrupted one. When training finishes, the checkpoint fil
 that finished at least ``--checkpoint-retention-days`` ago are deleted (with 0, this run's at
 once); each run's small manifest stays, so a retry of a finished run still returns its result.
 
-(About 370 lines on purpose: the stage's flags and the steps of ``main`` read best in one file.)
+Several GPUs and nodes. Under torchrun (``python -m embedder.torchrun ... -m embedder.train``, see
+:func:`retrain_contract.stages.command`) the stage runs as one process per GPU with
+``DistributedDataParallel``: ``--batch-size`` is per process, so a step trains on ``--batch-size``
+x processes images, exactly those one process with that batch size would (see
+:class:`embedder.loaders.EpochBatchSampler`). Every rank restores from the same checkpoint; rank 0
+alone logs to MLflow, saves checkpoints and writes the result, after the epoch's sums are added up
+over the ranks. A SIGTERM stops every rank after the same step, rank 0 saves once, and every rank
+exits with ``EXIT_PREEMPTED``.
+
+(About 450 lines on purpose: the stage's flags and the steps of ``main`` read best in one file.)
 """
 
 from __future__ import annotations
@@ -43,12 +52,14 @@ import numpy as np
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 
 import embedder
-from embedder import checkpoint, checkpoint_writer, data, images, model, stage, tracking
+from embedder import checkpoint, checkpoint_writer, data, device_decode, distributed, images, model, stage, tracking
+from embedder.distributed import World
 from embedder.loaders import make_loaders
-from embedder.loop import EPOCH_METRICS, STEP_METRICS, MetricLog, Progress, StopSignal, Trainer, fit
+from embedder.loop import EPOCH_METRICS, STEP_METRICS, MetricLog, Progress, SampleTrace, StopSignal, Trainer, fit
 from retrain_contract import params
 from retrain_contract.results import TrainResult
 
@@ -69,10 +80,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available")
     parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
-                        help="mixed precision with a gradient scaler (auto: on for CUDA, off on the CPU)")
-    parser.add_argument("--num-workers", type=int, default=-1, help="data loader workers (-1: from the CPU budget)")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: the CPU budget)")
+                        help="mixed precision: bfloat16, or float16 with a gradient scaler on GPUs without bfloat16 "
+                             "(auto: on for CUDA, off on the CPU)")
+    parser.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                        help="channels_last memory format for the model and its inputs (auto: on for CUDA)")
+    parser.add_argument("--compile", default="auto", choices=("auto", "on", "off"),
+                        help="train the torch.compile'd model (auto: on for CUDA, where it pays; off on the CPU)")
+    parser.add_argument("--num-workers", type=int, default=-1,
+                        help="data loader workers per process (-1: from the process's share of the CPU budget)")
+    parser.add_argument("--decode-on", default="cpu", choices=device_decode.DECODE_ON,
+                        help="where training JPEGs are decoded: cpu (the data loader workers) or device (the GPU, "
+                             "nvJPEG; for when the workers cannot keep up, see make bench-gpu)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads per process (0: the process's share of the CPU budget)")
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower; for reproducible runs)")
+    parser.add_argument("--collective-timeout-s", type=float, default=600.0,
+                        help="under torchrun: a collective (all-reduce, barrier) that waits longer than this for a rank "
+                             "fails the stage instead of hanging it")
+    parser.add_argument("--trace-samples", default="",
+                        help="debugging: each rank appends the image indices of every step to <dir>/rank-<rank>.jsonl")
     group = parser.add_argument_group("checkpoints and resume")
     group.add_argument("--checkpoint-root", default="",
                        help="storage prefix for checkpoints; this run's are under <root>/<airflow dag id>/<airflow run id>")
@@ -98,6 +124,8 @@ def validate_args(args: argparse.Namespace) -> None:
                           ("max_preemptions", 0), ("progress_every_steps", 1), ("progress_every_s", 0)):
         if getattr(args, name) < minimum:
             raise stage.StageInputError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(args, name)}")
+    if not args.collective_timeout_s > 0:
+        raise stage.StageInputError(f"--collective-timeout-s must be more than 0, got {args.collective_timeout_s}")
     if math.isnan(args.checkpoint_retention_days) or args.checkpoint_retention_days < 0:
         raise stage.StageInputError(f"--checkpoint-retention-days must be at least 0, got {args.checkpoint_retention_days}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -137,17 +165,24 @@ def log_model(net: model.Classifier, classes: list[str], dataset_version: str, a
 # -- the stage: where training starts, the MLflow run, the loop and the export ------------------
 
 
-def configure_torch(args: argparse.Namespace) -> torch.device:
-    """Seed, threads and determinism as the flags say; returns the device to train on."""
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+def device_type(args: argparse.Namespace) -> str:
+    return "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def configure_torch(args: argparse.Namespace, world: World = distributed.SINGLE) -> torch.device:
+    """Seed, threads and determinism as the flags say; returns the device to train on (this rank's GPU).
+
+    The node's CPUs are shared among its training processes: each gets its share of threads.
+    """
+    device = torch.device("cuda", world.local_rank) if device_type(args) == "cuda" else torch.device("cpu")
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads or model.cpu_budget())
+    torch.set_num_threads(args.threads or max(1, model.cpu_budget() // world.local_size))
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
     return device
 
 
@@ -200,6 +235,12 @@ def training_start(args: argparse.Namespace, dataset_version: str, config: str) 
     return start
 
 
+def where_training_starts(start: Start) -> tuple[str | None, str | None]:
+    """What every rank must agree on before training: the finished result, or the checkpoint restored."""
+    finished = start.finished.model_uri if start.finished else None
+    return finished, start.restored.record.name if start.restored else None
+
+
 def build_model(args: argparse.Namespace, num_classes: int) -> model.Classifier:
     try:
         return model.build(args.architecture, num_classes, args.pretrained_weights or None)
@@ -209,14 +250,17 @@ def build_model(args: argparse.Namespace, num_classes: int) -> model.Classifier:
 
 def run_params(args: argparse.Namespace, trainer: Trainer, train_loader: DataLoader, num_classes: int,
                start: Start) -> dict[str, Any]:
-    """What a new MLflow run records as its parameters."""
+    """What a new MLflow run records as its parameters (``batch_size``, workers and threads are per process)."""
     return {
         "architecture": args.architecture, "image_size": args.image_size, "epochs": args.epochs,
         "batch_size": args.batch_size, "learning_rate": args.learning_rate, "weight_decay": args.weight_decay,
         "augment": args.augment, "seed": args.seed, "pretrained_weights": args.pretrained_weights or "none",
         "num_classes": num_classes, "train_images": len(train_loader.dataset),
+        "world_size": trainer.world.size, "global_batch_size": train_loader.batch_sampler.global_batch,
         "num_workers": train_loader.num_workers, "threads": torch.get_num_threads(), "device": trainer.device.type,
         "amp": trainer.amp, "checkpoint_every_steps": args.checkpoint_every_steps,
+        "amp_dtype": str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp else "none",
+        "channels_last": trainer.channels_last, "compile": trainer.compiled,
         "checkpoint_location": start.location or "none",
     }
 
@@ -254,17 +298,34 @@ def training_run(args: argparse.Namespace, start: Start, params: dict[str, Any])
         yield run
 
 
-def restored_progress(trainer: Trainer, start: Start) -> Progress:
+def restored_progress(args: argparse.Namespace, trainer: Trainer, start: Start, world: World) -> Progress:
     """Where training stands: the restored checkpoint's progress (its state loaded into ``trainer`` and
-    the RNGs, the run tagged ``resume.*``), or the beginning."""
+    the RNGs, on every rank; rank 0 tags the run ``resume.*``), or the beginning.
+
+    The position in the epoch is in images of all ranks (``Progress.samples``), so a resume with the
+    world size of the run that saved it continues exactly; with another world size it continues from
+    the same image of the same epoch with the new global batch (see
+    :class:`embedder.loaders.EpochBatchSampler`), and says so.
+    """
     restored, store = start.restored, start.store
     if restored is None:
         if start.resuming:
             log.info("continuing MLflow run %s from the beginning (no usable checkpoint)", start.mlflow_run_id)
         return Progress()
     trainer.load_state_dict(restored.state)
-    progress = Progress(**restored.state["progress"])
+    saved = restored.state["progress"]
+    progress = Progress(**saved)
+    if "samples" not in saved:  # saved before positions were counted in images, by one process
+        progress.samples = progress.batch * args.batch_size
     checkpoint_writer.set_rng_state(restored.state["rng"])
+    saved_world = restored.state.get("world_size", 1)
+    if saved_world != world.size and progress.samples:
+        log.warning("the checkpoint was saved by %d training processes, this run has %d: epoch %d continues from "
+                    "image %d of its order in global batches of %d (%d per process); the run is not bit-identical "
+                    "to one that kept its world size", saved_world, world.size, progress.epoch + 1, progress.samples,
+                    args.batch_size * world.size, args.batch_size)
+    if not world.is_main:
+        return progress
     resumes = store.update(lambda m: setattr(m, "resumes", m.resumes + 1)).resumes
     where = f"epoch {progress.epoch + 1}, batch {progress.batch}, global step {progress.global_step}"
     log.info("resuming from %s (%s); resume #%d", store.uri_of(restored.record.name), where, resumes)
@@ -274,29 +335,37 @@ def restored_progress(trainer: Trainer, start: Start) -> Progress:
 
 
 def train_and_export(args: argparse.Namespace, trainer: Trainer, progress: Progress, train_loader: DataLoader,
-                     val_loader: DataLoader | None, run: mlflow.ActiveRun, start: Start,
-                     classes: list[str]) -> TrainResult:
-    """Train from ``progress`` to the last epoch and log the model; returns the stage's result.
+                     val_loader: DataLoader | None, run: mlflow.ActiveRun | None, start: Start,
+                     classes: list[str], world: World) -> TrainResult | None:
+    """Train from ``progress`` to the last epoch and log the model; returns the stage's result (None on ranks but 0).
 
-    On SIGTERM (raised as :class:`stage.StagePreempted`) the preemption is counted in the
-    manifest and the run is marked ``KILLED`` before the exception propagates.
+    Every rank trains; rank 0 (the one with the MLflow ``run``) logs metrics, saves checkpoints and
+    logs the model. On SIGTERM (raised as :class:`stage.StagePreempted`) rank 0 counts the
+    preemption in the manifest and marks the run ``KILLED``; when the ranks stopped together, every
+    rank waits for that before it exits.
     """
     store = start.store
-    metrics = MetricLog(run.info.run_id, EPOCH_METRICS + STEP_METRICS, resumed=start.resuming)
+    metrics = MetricLog(run.info.run_id, EPOCH_METRICS + STEP_METRICS, resumed=start.resuming) if run else None
     saver = checkpoint_writer.AsyncCheckpointer(store) if store else None
     base_state = {"format": checkpoint.FORMAT, "dataset_version": start.dataset_version, "config": start.config,
-                  "mlflow_run_id": run.info.run_id}
+                  "mlflow_run_id": run.info.run_id if run else None, "world_size": world.size}
+    trace = SampleTrace(args.trace_samples, world.rank) if args.trace_samples else None
+    stop = StopSignal()
     try:
-        with StopSignal() as stop:
+        with stop:
             try:
-                last = fit(trainer, progress, args, train_loader, val_loader, metrics, saver, stop, base_state)
+                last = fit(trainer, progress, args, train_loader, val_loader, metrics, saver, stop, base_state,
+                           world, trace)
             finally:
                 if saver:
                     saver.flush()
-                metrics.flush()
+                if metrics:
+                    metrics.flush()
             stop.immediate = True
             if stop.requested:
                 raise stage.StagePreempted("SIGTERM after the last checkpoint; the retry resumes from it")
+            if run is None:
+                return None
             if not last:  # resumed after the last epoch: nothing left but the export
                 last = {k: v for k, v in mlflow.get_run(run.info.run_id).data.metrics.items() if k in EPOCH_METRICS}
             if metrics.dropped:
@@ -304,12 +373,16 @@ def train_and_export(args: argparse.Namespace, trainer: Trainer, progress: Progr
             if saver:
                 mlflow.log_metrics({"checkpoint_blocking_seconds": saver.blocking_seconds,
                                     "checkpoint_write_seconds": saver.write_seconds}, step=progress.global_step)
-            info = log_model(trainer.net.cpu(), classes, start.dataset_version, args)
+            info = log_model(trainer.net.cpu().to(memory_format=torch.contiguous_format), classes,
+                             start.dataset_version, args)
     except stage.StagePreempted:
-        if store:
-            store.update(lambda m: setattr(m, "preemptions", m.preemptions + 1))
-        mlflow.set_tag("preempted", "true")
-        mlflow.end_run(status="KILLED")
+        if run is not None:
+            if store:
+                store.update(lambda m: setattr(m, "preemptions", m.preemptions + 1))
+            mlflow.set_tag("preempted", "true")
+            mlflow.end_run(status="KILLED")
+        if stop.stopping:
+            world.barrier()  # no rank exits (and has torchrun stop the others) before rank 0 has saved and recorded
         raise
     return TrainResult(
         mlflow_run_id=run.info.run_id, mlflow_experiment_id=run.info.experiment_id, model_uri=info.model_uri,
@@ -344,23 +417,36 @@ def apply_checkpoint_retention(args: argparse.Namespace, store: checkpoint.Check
                     type(exc).__name__, exc)
 
 
-def main(args: argparse.Namespace) -> TrainResult:
+def main(args: argparse.Namespace) -> TrainResult | None:
     validate_args(args)
-    device = configure_torch(args)
+    with distributed.initialized(device_type(args), args.collective_timeout_s) as world:
+        return train(args, world)
+
+
+def train(args: argparse.Namespace, world: World) -> TrainResult | None:
+    """The stage on one rank: every rank trains, rank 0 alone talks to MLflow and returns the result."""
+    device = configure_torch(args, world)
     manifest = data.read_manifest(args.manifest_uri)
     classes = manifest.classes
     start = training_start(args, manifest.dataset_version, config_fingerprint(args, classes))
+    world.same(where_training_starts(start), "where training starts (finished result, checkpoint)")
     if start.finished:
-        return start.finished
+        return start.finished if world.is_main else None
 
     net = build_model(args, len(classes))
     train_loader, val_loader = make_loaders(manifest, {c: i for i, c in enumerate(classes)}, args,
-                                            pin_memory=device.type == "cuda")
-    trainer = Trainer(net, args, device)
+                                            cuda=device.type == "cuda", world=world)
+    trainer = Trainer(net, args, device, world)
+    if not world.is_main:
+        if not world.broadcast(None):  # rank 0 found the checkpoint's MLflow run gone: start over, as it does
+            start.restored = None
+        progress = restored_progress(args, trainer, start, world)
+        return train_and_export(args, trainer, progress, train_loader, val_loader, None, start, classes, world)
     tracking.use_experiment(args.experiment)
     with training_run(args, start, run_params(args, trainer, train_loader, len(classes), start)) as run:
-        progress = restored_progress(trainer, start)
-        result = train_and_export(args, trainer, progress, train_loader, val_loader, run, start, classes)
+        world.broadcast(start.restored is not None)
+        progress = restored_progress(args, trainer, start, world)
+        result = train_and_export(args, trainer, progress, train_loader, val_loader, run, start, classes, world)
         if start.store:
             start.store.complete(result.to_json())
     if start.store:
@@ -369,4 +455,4 @@ def main(args: argparse.Namespace) -> TrainResult:
 
 
 if __name__ == "__main__":
-    sys.exit(stage.run_stage(get_args_parser(), main))
+    sys.exit(record(stage.run_stage)(get_args_parser(), main))
