@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RETRAIN_HOME ?= $(CURDIR)/.retrain/demo
 
-.PHONY: docker images compose-e2e venv browser prometheus demo test test-fast bench bench-serving compose-env compose-check lint up down status serve \
+.PHONY: docker images compose-e2e venv browser prometheus demo test test-fast bench bench-serving bench-gpu compose-env \
+	compose-check lint up down status serve \
 	airflow-ui lock clean
 
 venv: $(STAMP)
@@ -46,6 +47,12 @@ test-fast: venv prometheus  ## everything but the slow end-to-end and training t
 bench: venv  ## train stage vs a bare loop, checkpoint cost, serving vs a bare forward loop: each side by side
 	$(PY) -m embedder.bench
 	$(PY) -m embedder.bench_serving
+
+# Needs only PyTorch, torchvision, Pillow and NumPy: a GPU machine without this project's environment runs it
+# with its own Python. Extra flags in BENCH_GPU_ARGS (e.g. "--decode-on device", "--peak-tflops 756").
+bench-gpu:  ## on a GPU: train stage vs compute bound vs input pipeline, images/s and MFU (ResNet-50, 224 px, JPEGs)
+	PYTHONPATH=images/embedder/src:images/contract/src $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m embedder.bench_gpu \
+	  $(BENCH_GPU_ARGS)
 
 bench-serving: venv  ## serving only: HTTP requests/s with 8 clients vs a bare batched forward loop, micro-batching on/off
 	$(PY) -m embedder.bench_serving
