@@ -24,6 +24,7 @@ import requests
 from mlflow import MlflowClient
 
 from retrain import rollout
+from retrain_contract import artifacts
 from retrain_contract.registry import alias_version
 from retrain_contract.results import PromoteResult
 from tests.e2e.conftest import REPO, SMALL_RUNS, airflow_page, started_stack
@@ -99,6 +100,17 @@ def test_a_run_triggered_through_the_rest_api_trains_promotes_and_serves(running
     assert requests.get(links["deploy"]["Serving"], timeout=10).json()["model_version"] == "1"
     rollout_run = links["deploy"]["Rollout record"].rsplit("/", 1)[1]
     assert MlflowClient(running.settings.tracking_uri).get_run(rollout_run).data.tags["serving.model_version"] == "1"
+
+    # What the Model version button opens: the card, made by this Airflow run, linking the report on the training run.
+    client = MlflowClient(running.settings.tracking_uri)
+    card = client.get_model_version(MODEL, "1").description
+    assert card.startswith(f"## {MODEL} version 1: promoted to `@champion`")
+    assert f"Made by Airflow run [`{run['dag_run_id']}`]({running.settings.airflow_run_url(RETRAIN, run['dag_run_id'])})" \
+        in card
+    report = {f.path for f in client.list_artifacts(train["mlflow_run_id"], artifacts.REPORT_DIR)}
+    assert {f"{artifacts.REPORT_DIR}/{name}" for name in artifacts.REPORT_FIGURES} | {artifacts.REPORT_PAGE} <= report
+    assert running.settings.mlflow_artifact_url(train["mlflow_experiment_id"], train["mlflow_run_id"],
+                                                artifacts.REPORT_PAGE) in card
 
     # Logs that read well: MLflow's registry messages at INFO, no error line in a run that succeeded,
     # no repeated dataset warning.
@@ -252,6 +264,9 @@ def test_confirmed_drift_makes_the_scheduler_start_a_retrain_that_promotes(runni
     assert states(running, MONITOR, monitor)["emit_drift_event"] == "success"
     [alert] = alerts(running)[alerts_before:]
     assert alert["kind"] == "drift" and alert["fields"]["model_version"] == champion
+    timeline = MlflowClient(settings.tracking_uri).list_artifacts(report["monitoring_run_id"], "drift")
+    assert artifacts.DRIFT_TIMELINE in {f.path for f in timeline}
+    assert alert["fields"]["drift_timeline"].endswith(f"/runs/{report['monitoring_run_id']}/artifacts/{artifacts.DRIFT_TIMELINE}")
 
     created = api.wait_for_new_run(RETRAIN, "asset_triggered", known, timeout_s=120)
     assert created["triggered_by"] == "asset"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -55,7 +56,7 @@ def promoted(tmp_path_factory, digits_root, mlflow_server):
 
 
 def artifact(client: MlflowClient, run_id: str, path: str, tmp_path) -> bytes:
-    return open(client.download_artifacts(run_id, path, str(tmp_path)), "rb").read()
+    return Path(client.download_artifacts(run_id, path, str(tmp_path))).read_bytes()
 
 
 def table_row(card: str, label: str) -> list[str]:
@@ -125,8 +126,8 @@ def test_the_card_s_numbers_are_the_runs_metrics(promoted, mlflow_server, tmp_pa
     for name in counts["train"]:
         assert table_row(card, name) == [str(counts[split][name]) for split in ("train", "val", "test")]
 
-    decision = "promoted to @champion" if promotion["promoted"] else "not promoted"
-    assert card.startswith(f"### {MODEL} version 2: {decision}\n\n**Why:** {promotion['reason']}\n")
+    decision = "promoted to `@champion`" if promotion["promoted"] else "not promoted"
+    assert card.startswith(f"## {MODEL} version 2: {decision}\n\n**Why:** {promotion['reason']}\n")
     assert f"Made by Airflow run [`{AIRFLOW_RUN}`]({settings.airflow_run_url(DAG, AIRFLOW_RUN)}) of `{DAG}`" in card
     assert len(card) <= model_card.MAX_LENGTH
 
@@ -137,7 +138,7 @@ def test_the_first_model_s_card_has_no_champion_to_compare_with(promoted, mlflow
     client = MlflowClient(mlflow_server)
     card = client.get_model_version(MODEL, rounds[0][2]["version"]).description
     scores = client.get_run(rounds[0][1]["mlflow_run_id"]).data.metrics
-    assert card.startswith(f"### {MODEL} version 1: promoted to @champion")
+    assert card.startswith(f"## {MODEL} version 1: promoted to `@champion`")
     assert table_row(card, "recall@1") == [f"{scores['challenger_recall_at_1']:.4f}"]
     assert "No champion to compare with" in card
 

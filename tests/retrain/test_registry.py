@@ -131,7 +131,7 @@ def test_the_card_says_why_a_weaker_challenger_was_not_promoted_with_the_evaluat
     promote(second, evaluated)
     card = client.get_model_version("m", "2").description
     metrics = client.get_run(evaluated["mlflow_run_id"]).data.metrics
-    assert card.startswith("### m version 2: not promoted\n")
+    assert card.startswith("## m version 2: not promoted\n")
     assert f"**Why:** {client.get_model_version('m', '2').tags['promotion.reason']}" in card
     assert (f"| recall@1 | {metrics['challenger_recall_at_1']:.4f} | {metrics['champion_recall_at_1']:.4f} | "
             f"{metrics['challenger_recall_at_1'] - metrics['champion_recall_at_1']:+.4f} |") in card
@@ -141,4 +141,4 @@ def test_the_card_says_why_a_weaker_challenger_was_not_promoted_with_the_evaluat
     assert "Made by Airflow run [`manual__1`]" not in card  # the training run has no airflow.dag_id
     assert "code version `abc`" in card
     first_card = client.get_model_version("m", "1").description
-    assert first_card.startswith("### m version 1: promoted to @champion") and "No champion to compare with" in first_card
+    assert first_card.startswith("## m version 1: promoted to `@champion`") and "No champion to compare with" in first_card

@@ -106,8 +106,8 @@ def report_url(settings: Settings, facts: CardFacts) -> str:
 
 def _render(facts: CardFacts, settings: Settings, detailed: bool) -> str:
     train, evaluation = facts.train, facts.evaluation
-    lines = [f"### {facts.model_name} version {facts.version}: "
-             + ("promoted to @champion" if facts.promoted else "not promoted"), "",
+    lines = [f"## {facts.model_name} version {facts.version}: "
+             + ("promoted to `@champion`" if facts.promoted else "not promoted"), "",
              f"**Why:** {facts.reason}", ""]
     links = [f"[training run]({settings.mlflow_run_url(train.experiment_id, train.run_id)})",
              f"[evaluation report]({report_url(settings, facts)})",
@@ -118,7 +118,7 @@ def _render(facts: CardFacts, settings: Settings, detailed: bool) -> str:
                if dag_id and run_id else "Made outside Airflow (no Airflow run recorded on the training run)")
     lines += [f"{made_by}. " + " · ".join(links), ""]
     lines += _scores(facts) + _data(facts, detailed) + _code(facts) + _training(facts)
-    lines += ["#### Figures (from the evaluation report)", ""]
+    lines += ["### Figures (from the evaluation report)", ""]
     lines += [f"![{caption}]({figure_url(settings, facts, name)})" for name, caption in artifacts.REPORT_FIGURES.items()]
     return "\n".join(lines) + "\n"
 
@@ -128,7 +128,7 @@ def _scores(facts: CardFacts) -> list[str]:
     dataset = facts.evaluation.tags.get("dataset_version", "?")
     compared = facts.champion_version is not None
     head = "| metric | this version |" + (f" champion (version {facts.champion_version}) | change |" if compared else "")
-    rows = [f"#### How it scored (dataset `{dataset}`, test split)", "",
+    rows = [f"### How it scored (dataset `{dataset}`, test split)", "",
             "Challenger and champion are scored by the same `evaluate` run on the same snapshot; "
             f"promotion compares {HEADLINE_METRIC}.", "", head, "|---|---:|" + ("---:|---:|" if compared else "")]
     for key, label in SCORES:
@@ -146,7 +146,7 @@ def _scores(facts: CardFacts) -> list[str]:
 def _data(facts: CardFacts, detailed: bool) -> list[str]:
     metrics, report = facts.prepare.metrics, facts.data_report
     splits = [(s, metrics[f"{s}_images"]) for s in ("train", "val", "test") if f"{s}_images" in metrics]
-    rows = ["#### Data", "",
+    rows = ["### Data", "",
             f"- dataset version `{report.get('dataset_version', facts.prepare.tags.get('dataset_version', '?'))}`"
             + (f" from `{facts.prepare.params['data_uri']}`" if "data_uri" in facts.prepare.params else ""),
             f"- {', '.join(f'{int(n)} {s}' for s, n in splits)} images in {_int(metrics.get('num_classes'))} classes; "
@@ -178,12 +178,12 @@ def _data(facts: CardFacts, detailed: bool) -> list[str]:
 
 def _code(facts: CardFacts) -> list[str]:
     tags = facts.train.tags
-    return ["#### Code", "", f"- code version `{tags.get('code_version', '?')}`, image `{tags.get('image', '?')}`", ""]
+    return ["### Code", "", f"- code version `{tags.get('code_version', '?')}`, image `{tags.get('image', '?')}`", ""]
 
 
 def _training(facts: CardFacts) -> list[str]:
     train = facts.train
-    rows = ["#### Training", "", "| Param | value |", "|---|---|"]
+    rows = ["### Training", "", "| Param | value |", "|---|---|"]
     rows += [f"| {p.name} | `{train.params[p.name]}` |" for p in params.TRAINING if p.name in train.params]
     how = [f"{name} `{train.params[name]}`" for name in RUN_SETTINGS if name in train.params]
     took = (train.end_ms - train.start_ms) / 1000 if train.start_ms and train.end_ms else None

@@ -185,7 +185,7 @@ def projection_figure(views: list[tuple[str, np.ndarray]], labels: np.ndarray, c
     if len(keep) > MAX_PROJECTED:
         keep = np.sort(np.random.default_rng(seed).choice(keep, MAX_PROJECTED, replace=False))
     colours = class_colours(len(classes))
-    fig = Figure(figsize=(5.2 * len(views) + (1.6 if len(classes) <= 20 else 0), 4.8), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(4.2 * len(views) + (1.4 if len(classes) <= 20 else 0), 4.2), dpi=DPI, layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(views)))
     for ax, (name, embeddings) in zip(axes, views, strict=True):
         points = projection(embeddings[keep])
