@@ -223,8 +223,9 @@ def test_a_preempted_worker_node_reschedules_the_job_and_resumes(cluster):
     checkpoints = settings.home / "storage" / "checkpoints" / "retrain_embedder"
     earlier_runs = set(checkpoints.glob("*"))
     proc = subprocess.Popen([AIRFLOW, "dags", "test", "retrain_embedder", "--conf", json.dumps(
-        {"force_retrain": True, "epochs": 3, "image_size": 32, "batch_size": 16})],
-        env={**airflow_env, "RETRAIN_TRAIN_NODES": "2", "RETRAIN_PREEMPTION_DELAY_S": "1"},
+        {"force_retrain": True, "epochs": 1, "image_size": 32, "batch_size": 16})],  # preempted mid-epoch, at step 2
+        env={**airflow_env, "RETRAIN_TRAIN_NODES": "2", "RETRAIN_PREEMPTION_DELAY_S": "1",
+             "RETRAIN_CHECKPOINT_EVERY_STEPS": "2"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
     while not {p.parent for p in checkpoints.glob("*/ckpt-*.pt")} - earlier_runs:  # this run's first checkpoint
