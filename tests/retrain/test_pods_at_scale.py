@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
+import yaml
 from airflow.dag_processing.dagbag import DagBag
 from kubernetes.client import ApiClient
 
@@ -17,6 +20,8 @@ from retrain.runners.kubernetes import StagePodOperator
 from retrain_contract import stages
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
+GPU_OVERLAY = Path(__file__).resolve().parents[2] / "k8s" / "overlays" / "gpu"
+KUBECTL = str(Path(sys.executable).with_name("kubectl"))
 K8S_VERSION = "1.37.0"
 RUN_ID = "scheduled__2026-11-22T02:00:00+00:00"
 
@@ -147,3 +152,24 @@ def test_cpu_nodes_run_one_process_each_off_the_gpu_pool(monkeypatch):
     assert "nvidia.com/gpu" not in json.dumps(base["resources"]) and not template.get("tolerations")
     assert base["command"][base["command"].index("--nproc-per-node") + 1] == "1"
     assert op.pool == "default_pool"
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A NetworkPolicy's ``podSelector`` (``matchLabels`` only, as the project's use) matches these labels."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def test_the_network_policies_let_a_run_s_train_pods_reach_each_other_and_nothing_else(job_attempt):
+    """The namespace denies ingress by default: the rendezvous, the store and gloo/NCCL need a policy of their own."""
+    _, _, _, job = job_attempt
+    train = job["spec"]["template"]["metadata"]["labels"]
+    out = subprocess.run([KUBECTL, "kustomize", str(GPU_OVERLAY)], capture_output=True, text=True, check=True).stdout
+    policies = [d for d in yaml.safe_load_all(out) if d["kind"] == "NetworkPolicy"]
+    applying = [p for p in policies if selects(p["spec"]["podSelector"], train)]
+    assert {p["metadata"]["name"] for p in applying} == {"default-deny-ingress", "train-ranks-ingress"}
+    allowed = [rule for p in applying for rule in p["spec"].get("ingress", [])]
+    assert allowed and all("ports" not in rule for rule in allowed)  # every port: the store's and NCCL's are picked at run time
+    assert all(selects(peer["podSelector"], train) for rule in allowed for peer in rule["from"])
+    serving = {"app.kubernetes.io/name": "embedder-serving"}
+    assert not any(selects(peer["podSelector"], serving) for rule in allowed for peer in rule["from"])
