@@ -145,7 +145,9 @@ EPOCHS = ParamSpec("epochs", int, 10, "Epochs", "Passes over the training split.
                    env="RETRAIN_EPOCHS", minimum=1, maximum=500)
 LEARNING_RATE = ParamSpec("learning_rate", float, 0.001, "Learning rate", "AdamW learning rate (cosine-annealed to zero).",
                           flag="--learning-rate", env="RETRAIN_LEARNING_RATE", exclusive_minimum=0, maximum=1)
-BATCH_SIZE = ParamSpec("batch_size", int, 64, "Batch size", "Images per optimisation step.", flag="--batch-size",
+BATCH_SIZE = ParamSpec("batch_size", int, 64, "Batch size",
+                       "Images per optimisation step on each training process (one per GPU); a step trains on this "
+                       "times the number of processes.", flag="--batch-size",
                        env="RETRAIN_BATCH_SIZE", minimum=1, maximum=4096)
 IMAGE_SIZE = ParamSpec("image_size", int, 224, "Image size",
                        "Images are resized to this square side (pixels) for training and serving.",
