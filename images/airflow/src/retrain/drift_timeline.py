@@ -162,7 +162,7 @@ def draw(windows: list[WindowScores], bands: list[Band], *, model_name: str, ver
         Line2D([], [], color=CONFIRMED, linestyle="--", label="drift confirmed"),
         Line2D([], [], marker="x", linestyle="", color=INSUFFICIENT_COLOUR, label="too few samples"),
         *[Patch(color=BAND_COLOURS[i % len(BAND_COLOURS)], label=f"v{b.version} serving") for i, b in enumerate(shown)],
-    ], loc="outside right upper", fontsize=8, frameon=False)
+    ], loc="outside right center", fontsize=8, frameon=False)
     timeline = Timeline(model_name=model_name, version=version, alpha=alpha, windows_required=windows_required,
                         window_s=window_s, windows=[w.start for w in windows], drifted=[w.start for w in drifted],
                         confirmed=[w.start for w in confirmed], insufficient=[w.start for w in insufficient],
