@@ -172,19 +172,33 @@ def test_a_failed_rank_fails_the_try_and_keeps_the_job_for_debugging(cluster, tm
     assert kept[0]["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"
 
 
-def test_an_attempt_deletes_what_an_earlier_attempt_of_the_same_try_left(cluster):
+def create_attempt(emulator: KubeEmulator, worker: Path, try_number: int) -> str:
+    """An attempt's objects, created as the train task creates them, and left there (as a worker that died leaves them)."""
+    op = train_operator(worker, RETRAIN_TRAIN_NODES="2")
+    name, objects = op.render_attempt(context(try_number))
+    for obj in objects:
+        op.create(obj)
+    return name
+
+
+def test_an_attempt_deletes_earlier_attempts_that_did_not_fail_and_keeps_failed_ones(cluster):
     emulator, worker, _ = cluster
-    earlier = train_operator(worker, RETRAIN_TRAIN_NODES="2")
-    name, objects = earlier.render_attempt(context())
-    for obj in objects:  # as a worker that died after creating them would have left them
-        earlier.create(obj)
-    older_try = train_operator(worker, RETRAIN_TRAIN_NODES="2")
-    _, kept = older_try.render_attempt(context(try_number=0))
-    for obj in kept:  # a failed earlier try's Job is kept for debugging: not this try's to delete
-        older_try.create(obj)
-    assert train_operator(worker, RETRAIN_TRAIN_NODES="2").execute(context())["world_size"] == 2
-    assert [j["metadata"]["labels"]["try_number"] for j in emulator.objects("jobs")] == ["0"]
-    assert name not in {s["metadata"]["name"] for s in emulator.objects("services")}
+    emulator.kubelet.env["PROBE_EXIT"] = "1:3"
+    with pytest.raises(AirflowException, match="kept for debugging"):  # an earlier try that failed
+        train_operator(worker, RETRAIN_TRAIN_NODES="2").execute(context(try_number=1))
+    (failed,) = [j["metadata"]["name"] for j in emulator.objects("jobs")]
+    del emulator.kubelet.env["PROBE_EXIT"]
+    emulator.gpus = 0  # these stay Pending: attempts still running when their worker died
+    abandoned = create_attempt(emulator, worker, try_number=1)
+    preempted = create_attempt(emulator, worker, try_number=2)
+    poll(lambda: sum(p["metadata"]["labels"]["retrain/attempt"] in (abandoned, preempted) for p in emulator.pods()) == 4,
+         timeout_s=60, what="the abandoned attempts' pods")
+    emulator.gpus = 2
+
+    assert train_operator(worker, RETRAIN_TRAIN_NODES="2").execute(context(try_number=2))["world_size"] == 2
+    assert [j["metadata"]["name"] for j in emulator.objects("jobs")] == [failed]
+    assert {s["metadata"]["name"] for s in emulator.objects("services")} == {failed}
+    assert not {abandoned, preempted} & {p["metadata"]["labels"]["retrain/attempt"] for p in emulator.pods()}
 
 
 def test_two_gpus_in_one_pod_run_two_processes(cluster):

@@ -16,11 +16,12 @@ GPUs, GPU pool, restricted security context, Secrets, ``/dev/shm``, the XCom sid
 
 Attempts: the objects are named ``embedder-train-<random>`` and that name is the rendezvous id, so every
 attempt (a retry, or a reschedule after preemption in the same try) rendezvous afresh; its labels name
-the DAG run and try. An attempt first deletes what an earlier attempt of the same try left (preempted,
-or abandoned by a worker that died), then creates its objects, waits for every pod to start (a pod that
-cannot be scheduled within ``RETRAIN_POD_STARTUP_TIMEOUT_S`` fails the try, and the objects are deleted
-so it cannot start later), streams the leader's log (index 0, the Master) into the task log, and polls
-every pod. As a pod's stage ends, its result file is read through the XCom sidecar as KPO reads it,
+the DAG run and try. An attempt first deletes what earlier attempts of this task in this DAG run left,
+unless they failed (those are kept for debugging, their pods stopped): a preempted attempt's, or one a
+worker that died left running, whose pods would hold their GPUs. Then it creates its objects, waits for
+every pod to start (a pod that cannot be scheduled within ``RETRAIN_POD_STARTUP_TIMEOUT_S`` fails the
+try, and the objects are deleted so it cannot start later), streams the leader's log (index 0, the
+Master) into the task log, and polls every pod. As a pod's stage ends, its result file is read through the XCom sidecar as KPO reads it,
 which also stops the sidecar so the pod completes. Then, as for a single pod: exit code 2 on any pod
 fails without retries; exit 75 or the ``DisruptionTarget`` condition on any pod deletes the objects and
 reschedules in the same try (the next attempt resumes from the checkpoint); any other failure fails the
@@ -105,8 +106,8 @@ class DistributedStageOperator(KubernetesPodOperator):
         """Delete one attempt's objects and, with them, its pods."""
         raise NotImplementedError
 
-    def attempts(self, selector: str) -> list[str]:
-        """Names of the attempts whose objects carry these labels."""
+    def attempts(self, selector: str) -> dict[str, bool]:
+        """The attempts whose objects carry these labels: name -> whether the Job (or PyTorchJob) failed."""
         raise NotImplementedError
 
     def node_of(self, pod: k8s.V1Pod) -> int:
@@ -137,10 +138,11 @@ class DistributedStageOperator(KubernetesPodOperator):
     # ---- the task --------------------------------------------------------------------------------
     def execute(self, context: Any) -> dict[str, Any]:
         self.name = self._set_name(self.name)
-        labels = self._get_ti_pod_labels(context)  # this DAG run, task and try
-        for old in self.attempts(",".join(f"{k}={v}" for k, v in sorted(labels.items()))):
-            self.log.info("deleting %s %s, left by an earlier attempt of this try", self.kind, old)
-            self.delete(old)
+        labels = self._get_ti_pod_labels(context, include_try_number=False)  # this DAG run and task, every try
+        for old, failed in self.attempts(",".join(f"{k}={v}" for k, v in sorted(labels.items()))).items():
+            if not failed:  # preempted, or left running by a worker that died: its pods would hold their GPUs
+                self.log.info("deleting %s %s, an earlier attempt that did not fail", self.kind, old)
+                self.delete(old)
         name, objects = self.render_attempt(context)
         self.log.info("running %s as %s %s on %d nodes, world size %d (processes per node: %d)", self.task_id,
                       self.kind, name, self.nodes, self.nodes * self.nproc_per_node, self.nproc_per_node)
@@ -301,9 +303,9 @@ class IndexedJobStageOperator(DistributedStageOperator):
                     raise
 
     @generic_api_retry
-    def attempts(self, selector: str) -> list[str]:
-        return [job.metadata.name for job in
-                self.hook.batch_v1_client.list_namespaced_job(self.namespace, label_selector=selector).items]
+    def attempts(self, selector: str) -> dict[str, bool]:
+        return {job.metadata.name: any(c.type == "Failed" and c.status == "True" for c in job.status.conditions or [])
+                for job in self.hook.batch_v1_client.list_namespaced_job(self.namespace, label_selector=selector).items}
 
     def node_of(self, pod: k8s.V1Pod) -> int:
         return int((pod.metadata.annotations or {})[JOB_INDEX])
@@ -359,9 +361,11 @@ class PyTorchJobStageOperator(DistributedStageOperator):
             if exc.status != 404:
                 raise
 
-    def attempts(self, selector: str) -> list[str]:
+    def attempts(self, selector: str) -> dict[str, bool]:
         found = self._call("list_namespaced_custom_object", label_selector=selector)
-        return [obj["metadata"]["name"] for obj in found.get("items", [])]
+        return {obj["metadata"]["name"]: any(c.get("type") == "Failed" and c.get("status") == "True"
+                                             for c in (obj.get("status") or {}).get("conditions", []))
+                for obj in found.get("items", [])}
 
     def node_of(self, pod: k8s.V1Pod) -> int:
         labels = pod.metadata.labels or {}
