@@ -103,7 +103,15 @@ def test_the_launchers_exit_code_follows_the_stage_protocol_and_names_the_failed
     killed = {0: failure(tmp_path, 0, -signal.SIGTERM), 1: failure(tmp_path, 1, -signal.SIGKILL)}
     assert outcome(killed, got_sigterm=False, host="node-a") == 1
     assert caplog.records[-1].levelname == "ERROR"
-    assert caplog.messages[-1] == "rank 1 (local rank 1 on node-a, pid 101) was killed by SIGKILL"
+    assert caplog.messages[-1] == ("rank 1 (local rank 1 on node-a, pid 101) was killed by SIGKILL; "
+                                   "also failed: rank 0 (killed by SIGTERM)")
+    # Rank 0's next collective failed when rank 1 died, and rank 0's error file says so a moment earlier than
+    # torchrun noticed rank 1: the rank killed by a signal is still the cause.
+    lost_peer = {"message": "RuntimeError: Connection reset by peer", "extraInfo": {"timestamp": "10"}}
+    raced = {0: failure(tmp_path, 0, 1, lost_peer), 1: failure(tmp_path, 1, -signal.SIGKILL)}
+    assert outcome(raced, got_sigterm=False, host="node-a") == 1
+    assert caplog.messages[-1] == ("rank 1 (local rank 1 on node-a, pid 101) was killed by SIGKILL; "
+                                   "also failed: rank 0 (exit code 1)")
 
     raised = {"message": "RuntimeError: this run was preempted 3 times", "extraInfo": {"timestamp": "1000"}}
     assert outcome({0: failure(tmp_path, 0, 1, raised)}, got_sigterm=False, host="node-a") == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -161,8 +162,9 @@ def test_a_rank_killed_mid_epoch_fails_the_stage_naming_it_and_the_rerun_resumes
         workspace, killed_and_resumed):
     failure, result, first, second, newest = killed_and_resumed
     assert type(failure) is AirflowException
-    assert "stage train failed with exit code 1: embedder.torchrun: rank 1 (local rank 1 on" in str(failure)
-    assert str(failure).endswith("was killed by SIGKILL")
+    # Rank 0 may fail too (its next collective finds rank 1 gone): rank 1 is named, as the cause.
+    assert re.match(r"stage train failed with exit code 1: embedder\.torchrun: rank 1 \(local rank 1 on \S+, pid \d+\) "
+                    r"was killed by SIGKILL(; also failed: rank 0 \(.*\))?$", str(failure)), str(failure)
     assert newest.epoch == 1 and 0 < newest.batch < STEPS  # a checkpoint within epoch 2
     assert any(f"resuming from {store_of(workspace, 'two-ranks').uri_of(newest.name)} (epoch 2, batch {newest.batch}, "
                f"global step {newest.global_step})" in line for line in second.lines("info"))

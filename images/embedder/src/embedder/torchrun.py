@@ -13,9 +13,11 @@ its outcome into those codes:
   once another rank had exited 75; a rank stopped before it could save leaves the previous
   checkpoint, which the retry resumes from), and one of them exited 75 or the launcher got SIGTERM: 75.
 - When the first rank to fail exited 2: 2, and that rank's error line.
-- Otherwise 1, and one ERROR line naming the first rank that failed (rank, local rank, host, pid)
-  and why: what it wrote to its torchrun error file (an exception, through torch's ``@record``, or
-  an input error) or the signal that killed it.
+- Otherwise 1, and one ERROR line naming the rank whose failure is the cause (rank, local rank,
+  host, pid) and why: the signal that killed it, or what it wrote to its torchrun error file (an
+  exception, through torch's ``@record``, or an input error), and the other ranks that failed. A
+  rank killed by a signal is taken as the cause before one that raised (a peer's death makes the
+  others' next collective raise), and the earliest before later ones.
 
 ``--nproc-per-node auto`` is one process per visible GPU, or one without GPUs (torchrun's own
 ``auto`` would start one per CPU there). Unless set, ``OMP_NUM_THREADS`` is each process's share of
@@ -90,6 +92,15 @@ def reason(failure: ProcessFailure) -> str:
     return f"failed with exit code {failure.exitcode}: {message}"
 
 
+def _suspicion(failure: ProcessFailure) -> int:
+    """How likely a failure is the cause rather than a consequence: 0 killed by a signal (SIGKILL: the
+    OOM killer, a lost node; SIGSEGV), 1 an error or exit code (a rank whose peer died fails in its next
+    collective, usually after it), 2 SIGTERM (what torchrun sends the others once one has failed)."""
+    if failure.exitcode == -signal.SIGTERM:
+        return 2
+    return 0 if failure.exitcode < 0 else 1
+
+
 def outcome(failures: Mapping[int, ProcessFailure], got_sigterm: bool, host: str | None = None) -> int:
     """The launcher's exit code for the ranks' ``failures`` (see the module docstring); logs why."""
     codes = {f.exitcode for f in failures.values()}
@@ -98,14 +109,14 @@ def outcome(failures: Mapping[int, ProcessFailure], got_sigterm: bool, host: str
         log.warning("preempted: rank(s) %s stopped on SIGTERM (exit codes %s); the retry resumes from the last "
                     "checkpoint", ", ".join(map(str, sorted(failures))), ", ".join(map(str, sorted(codes))))
         return EXIT_PREEMPTED
-    # torchrun sends SIGTERM to the other ranks once one has failed: the cause is among the rest, if any.
-    causes = {r: f for r, f in failures.items() if f.exitcode != -signal.SIGTERM} or failures
-    rank, first = min(causes.items(), key=lambda item: (item[1].timestamp, item[0]))
+    rank, first = min(failures.items(), key=lambda item: (_suspicion(item[1]), item[1].timestamp, item[0]))
     if first.exitcode == EXIT_BAD_INPUT and os.path.isfile(first.error_file):
         log.error("%s", first.message)
         return EXIT_BAD_INPUT
-    log.error("rank %d (local rank %d on %s, pid %d) %s", rank, first.local_rank, host or socket.gethostname(),
-              first.pid, reason(first))
+    others = [f"rank {r} ({'killed by ' + f.signal_name() if f.exitcode < 0 else f'exit code {f.exitcode}'})"
+              for r, f in sorted(failures.items()) if r != rank]
+    log.error("rank %d (local rank %d on %s, pid %d) %s%s", rank, first.local_rank, host or socket.gethostname(),
+              first.pid, reason(first), f"; also failed: {', '.join(others)}" if others else "")
     return EXIT_BAD_INPUT if first.exitcode == EXIT_BAD_INPUT else 1
 
 
