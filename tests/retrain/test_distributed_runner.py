@@ -172,6 +172,13 @@ def test_a_failed_rank_fails_the_try_and_keeps_the_job_for_debugging(cluster, tm
     assert kept[0]["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"
 
 
+def test_bad_input_on_any_node_fails_without_retries(cluster, tmp_path):
+    emulator, worker, _ = cluster
+    emulator.kubelet.env.update(PROBE_HOLD=str(tmp_path / "never"), PROBE_EXIT="1:2")  # node 1's rank: exit 2
+    with pytest.raises(AirflowFailException, match=r"rejected its input \(exit code 2\) on pod \S+-1-\w+ \(node 1\)"):
+        train_operator(worker, RETRAIN_TRAIN_NODES="2").execute(context())
+
+
 def create_attempt(emulator: KubeEmulator, worker: Path, try_number: int) -> str:
     """An attempt's objects, created as the train task creates them, and left there (as a worker that died leaves them)."""
     op = train_operator(worker, RETRAIN_TRAIN_NODES="2")

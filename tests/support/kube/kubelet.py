@@ -8,9 +8,8 @@ Services resolve to loopback (:mod:`.dns`), and ``/airflow/xcom`` is a folder pe
 process started in it (each carries the pod's uid in ``$EMULATED_POD_UID``, as a cgroup would hold them,
 whatever sessions they start: torchrun starts each rank in one of its own), and it ends as a container
 does: SIGKILL to all of them when the pod is deleted, and to what is left when its main process exits.
-The pod goes Pending → Running →
-Succeeded/Failed with container statuses as a real kubelet reports them. It serves ``pods/log`` (the API
-server proxies it) and can be made to preempt a pod.
+The pod goes Pending → Running → Succeeded/Failed with container statuses as a real kubelet reports
+them. It serves ``pods/log`` (the API server proxies it) and can be made to preempt a pod.
 """
 
 from __future__ import annotations
