@@ -247,6 +247,18 @@ def test_two_nodes_as_a_pytorchjob_where_the_training_operator_runs(cluster, tmp
     assert {c for c in called if c[1] == "pytorchjobs"} == {c for c in granted if c[1] == "pytorchjobs"}
 
 
+def test_a_failed_rank_of_a_pytorchjob_stops_the_others_the_operator_leaves_running(cluster, tmp_path):
+    """cleanPodPolicy None keeps a failed PyTorchJob's running pods: the task stops them, or they would hold their GPUs."""
+    emulator, worker, _ = cluster
+    emulator.install_training_operator()
+    emulator.kubelet.env.update(PROBE_HOLD=str(tmp_path / "never"), PROBE_EXIT="1:3")  # the Master holds, forever
+    with pytest.raises(AirflowException, match=r"pod (\S+)-worker-0 \(node 1\) exited 1; PyTorchJob and pods are kept"):
+        train_operator(worker, RETRAIN_TRAIN_NODES="2", RETRAIN_TRAIN_LAUNCHER="pytorchjob").execute(context())
+    (job,) = emulator.objects("pytorchjobs")
+    assert [c["type"] for c in job["status"]["conditions"]][-1] == "Failed"
+    assert [p["metadata"]["name"] for p in emulator.pods()] == [f"{job['metadata']['name']}-worker-0"]
+
+
 def test_a_pytorchjob_without_the_training_operator_fails_saying_what_to_do(cluster):
     emulator, worker, _ = cluster
     op = train_operator(worker, RETRAIN_TRAIN_NODES="2", RETRAIN_TRAIN_LAUNCHER="pytorchjob")

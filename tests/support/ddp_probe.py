@@ -36,6 +36,7 @@ def main() -> int:
           f"job-index {os.environ.get('JOB_COMPLETION_INDEX', '-')}", flush=True)
     exit_at = os.environ.get("PROBE_EXIT", "")
     if exit_at and int(exit_at.split(":")[0]) == node:
+        dist.destroy_process_group()  # as a stage leaves: a live gloo group at exit may abort the process
         return int(exit_at.split(":")[1])
     if hold := os.environ.get("PROBE_HOLD"):
         print(f"probe rank {rank} holding", flush=True)

@@ -21,11 +21,13 @@ unless they failed (those are kept for debugging, their pods stopped): a preempt
 worker that died left running, whose pods would hold their GPUs. Then it creates its objects, waits for
 every pod to start (a pod that cannot be scheduled within ``RETRAIN_POD_STARTUP_TIMEOUT_S`` fails the
 try, and the objects are deleted so it cannot start later), streams the leader's log (index 0, the
-Master) into the task log, and polls every pod. As a pod's stage ends, its result file is read through the XCom sidecar as KPO reads it,
-which also stops the sidecar so the pod completes. Then, as for a single pod: exit code 2 on any pod
-fails without retries; exit 75 or the ``DisruptionTarget`` condition on any pod deletes the objects and
-reschedules in the same try (the next attempt resumes from the checkpoint); any other failure fails the
-try and keeps the objects and pods for debugging; success returns rank 0's result and deletes them.
+Master) into the task log, and polls every pod. As a pod's stage ends, its result file is read through
+the XCom sidecar as KPO reads it, which also stops the sidecar so the pod completes; once a node's stage
+has failed (not preempted), the pods still running are deleted, as the Job controller would (a
+PyTorchJob keeps them). Then, as for a single pod: exit code 2 on any pod fails without retries; exit 75
+or the ``DisruptionTarget`` condition on any pod deletes the objects and reschedules in the same try (the
+next attempt resumes from the checkpoint); any other failure fails the try and keeps the objects and the
+pods that failed for debugging; success returns rank 0's result and deletes them.
 
 Rank 0 writes the result. c10d ranks nodes by address, so with these names rank 0 is on the leader,
 but the task does not rely on it: every pod's file is read, and exactly one may have one.
@@ -175,6 +177,7 @@ class DistributedStageOperator(KubernetesPodOperator):
         stream.start()
         ends: dict[str, PodEnd] = {}
         disrupted: dict[str, str] = {}  # a pod the API marked for disruption may be gone before it is seen ended
+        stopping: set[str] = set()
 
         def all_ended() -> bool:
             current = {p.metadata.name: p for p in self._pods(name)}
@@ -193,6 +196,12 @@ class DistributedStageOperator(KubernetesPodOperator):
                 if code is not None:
                     ends[pod_name] = PodEnd(pod_name, self.node_of(pod), code, reason, self._result(remote))
                     self.log.info("pod %s (node %d) ended with exit code %d", pod_name, ends[pod_name].node, code)
+            failed = next((e for e in ends.values() if e.code not in (None, 0) and not e.preempted), None)
+            if failed:  # the other ranks cannot go on without it; a PyTorchJob (cleanPodPolicy None) would leave them
+                for pod_name in current.keys() - ends.keys() - stopping:
+                    self.log.info("stopping pod %s: node %d failed", pod_name, failed.node)
+                    self.pod_manager.delete_pod(current[pod_name])
+                    stopping.add(pod_name)
             return len(ends) == len(pods)
 
         poll(all_ended, timeout_s=float("inf"), interval_s=self.poll_interval_s)
