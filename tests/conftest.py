@@ -85,7 +85,7 @@ def _no_ambient_retrain_env(monkeypatch):
 
 @pytest.fixture
 def s3(monkeypatch):
-    """moto's S3 server behind :class:`FlakyProxy` (every third request answered 503 first); bucket ``images``."""
+    """moto's S3 server behind :class:`FlakyProxy` (every third request fails once, transiently); bucket ``images``."""
     import threading
 
     import boto3

@@ -128,6 +128,7 @@ def test_s3_data_root_with_pagination_and_transient_errors(s3, messy_root):
     on_s3 = data.scan("s3://images/digits", workers=4, max_pixels=MAX_PIXELS)
     local = data.scan(root.as_uri(), max_pixels=MAX_PIXELS)
     assert proxy.injected > 10  # a third of all requests failed once and were retried by boto3
+    assert set(proxy.injected_codes) == {"SlowDown", "InternalError", "ServiceUnavailable"}  # throttled or not
     assert proxy.list_pages >= len(files) // 100  # the listing was paginated (100 keys a page here)
     assert on_s3.dataset_version == local.dataset_version
     assert {q.path for q in on_s3.quarantined} == bad.keys()
