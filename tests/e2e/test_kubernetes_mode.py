@@ -193,58 +193,53 @@ def node_of(pod: dict) -> str:
     return pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
 
 
-def test_two_train_nodes_rendezvous_and_the_run_promotes_and_deploys(cluster):
-    """RETRAIN_TRAIN_NODES=2: train as an Indexed Job of 2 pods whose ranks rendezvous (c10d, gloo on loopback)."""
+def test_two_train_nodes_rendezvous_a_preempted_worker_resumes_and_the_run_promotes_and_deploys(cluster):
+    """RETRAIN_TRAIN_NODES=2: train as an Indexed Job of 2 pods whose ranks rendezvous (c10d, gloo on loopback).
+
+    The index-1 pod's node shuts down mid-epoch: the Job goes, a new one in the same try resumes from the
+    checkpoint, and the run promotes and deploys (one DAG run shows all of it: each costs a minute of training).
+    """
     emulator, settings, airflow_env = cluster
     before, model = len(emulator.created), f"{MODEL}-2-nodes"  # a registry of its own: its first version is promoted
-    state, out = dag_test(airflow_env, {"force_retrain": True, "epochs": 1, "image_size": 32, "batch_size": 16},
-                          RETRAIN_TRAIN_NODES="2", RETRAIN_MODEL_NAME=model)
-    assert state == "success", out[-8000:]
-    pods = sorted(train_pods(emulator, before), key=node_of)
-    assert [node_of(p) for p in pods] == ["0", "1"]
-    (attempt,) = {p["metadata"]["labels"]["retrain/attempt"] for p in pods}
-    assert f"running train as Job {attempt} on 2 nodes, world size 2 (processes per node: 1)" in out
-    assert "rank 0's result came from pod" in out and "[base]" in out  # the leader's log, in the task log
-    assert emulator.objects("jobs") == [] and emulator.objects("services") == []  # deleted with their pods
-    assert not [p for p in emulator.pods() if p["metadata"]["labels"].get("retrain/attempt") == attempt]
-    result = latest_xcom(settings, "train", "return_value")
-    client = MlflowClient(settings.tracking_uri)
-    assert client.get_run(result["mlflow_run_id"]).data.params["world_size"] == "2"  # both nodes trained
-    assert alias_version(client, model, "champion") == "1"
-    serving = emulator.deployment("retrain", "embedder-serving")
-    env = {e["name"]: e["value"] for e in serving["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert (env["MODEL_NAME"], env["MODEL_VERSION"]) == (model, "1")
-
-
-def test_a_preempted_worker_node_reschedules_the_job_and_resumes(cluster):
-    """The index-1 pod's node shuts down mid-training: the Job goes, a new one in the same try resumes."""
-    emulator, settings, airflow_env = cluster
-    before = len(emulator.created)
     checkpoints = settings.home / "storage" / "checkpoints" / "retrain_embedder"
     earlier_runs = set(checkpoints.glob("*"))
     proc = subprocess.Popen([AIRFLOW, "dags", "test", "retrain_embedder", "--conf", json.dumps(
         {"force_retrain": True, "epochs": 1, "image_size": 32, "batch_size": 16})],  # preempted mid-epoch, at step 2
-        env={**airflow_env, "RETRAIN_TRAIN_NODES": "2", "RETRAIN_PREEMPTION_DELAY_S": "1",
-             "RETRAIN_CHECKPOINT_EVERY_STEPS": "2"},
+        env={**airflow_env, "RETRAIN_TRAIN_NODES": "2", "RETRAIN_MODEL_NAME": model,
+             "RETRAIN_PREEMPTION_DELAY_S": "1", "RETRAIN_CHECKPOINT_EVERY_STEPS": "2"},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
     while not {p.parent for p in checkpoints.glob("*/ckpt-*.pt")} - earlier_runs:  # this run's first checkpoint
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-6000:]
         time.sleep(0.1)
-    worker = next(p for p in train_pods(emulator, before) if node_of(p) == "1")
-    emulator.preempt("retrain", worker["metadata"]["name"])
+    first = sorted(train_pods(emulator, before), key=node_of)
+    assert [node_of(p) for p in first] == ["0", "1"]
+    emulator.preempt("retrain", first[1]["metadata"]["name"])
     out = proc.communicate(timeout=900)[0]
     assert re.search(r"DagRun Finished: .*?state=success", out), out[-8000:]
 
     pods = train_pods(emulator, before)
     attempts = list(dict.fromkeys(p["metadata"]["labels"]["retrain/attempt"] for p in pods))
     assert len(attempts) == 2 and len(pods) == 4
+    for attempt in attempts:
+        assert f"running train as Job {attempt} on 2 nodes, world size 2 (processes per node: 1)" in out
     assert {p["metadata"]["labels"]["try_number"] for p in pods} == {"1"}  # no retry was used up
     assert f"Job {attempts[0]} was preempted" in out
     assert "Rescheduling task, marking task as UP_FOR_RESCHEDULE" in out
     second = [emulator.logs_of("retrain", p["metadata"]["name"]) for p in pods[2:]]
     assert any("resuming from" in log and "resume #1" in log for log in second)
-    assert emulator.objects("jobs") == [] and emulator.objects("services") == []
+    assert "rank 0's result came from pod" in out and "[base]" in out  # the leader's log, in the task log
+    assert emulator.objects("jobs") == [] and emulator.objects("services") == []  # deleted with their pods
+    assert not [p for p in emulator.pods() if p["metadata"]["labels"].get("retrain/attempt") in attempts]
+
+    result = latest_xcom(settings, "train", "return_value")
+    assert result["resumed"] is True
+    client = MlflowClient(settings.tracking_uri)
+    assert client.get_run(result["mlflow_run_id"]).data.params["world_size"] == "2"  # both nodes trained
+    assert alias_version(client, model, "champion") == "1"
+    serving = emulator.deployment("retrain", "embedder-serving")
+    env = {e["name"]: e["value"] for e in serving["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["MODEL_NAME"], env["MODEL_VERSION"]) == (model, "1")
 
 
 def test_role_grants_exactly_what_the_operator_called(cluster):
