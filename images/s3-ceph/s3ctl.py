@@ -31,7 +31,7 @@ def _hmac(key: bytes, msg: str) -> bytes:
 def request(method: str, path: str) -> int:
     """A SigV4-signed request with an empty body; returns the HTTP status."""
     access, secret = os.environ["S3_ACCESS_KEY"], os.environ["S3_SECRET_KEY"]
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
     host = ENDPOINT.split("://", 1)[1]
     headers = {"host": host, "x-amz-content-sha256": EMPTY_SHA256, "x-amz-date": amz_date}
