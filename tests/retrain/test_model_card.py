@@ -158,3 +158,16 @@ def test_a_card_with_a_thousand_classes_and_many_quarantined_files_fits_mlflow_s
     assert len(card) <= model_card.MAX_LENGTH
     assert "- images per class: 100 to 100" in card and "500 quarantined files" in card
     assert card.count("](") == 4 + 4  # every link and every figure survived the shortening
+
+
+def test_the_card_names_the_gpu_and_the_processes_a_distributed_run_trained_on():
+    run = model_card.RunFacts("r" * 32, "1", {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "world_size": "16",
+                                              "batch_size": "256", "global_batch_size": "4096", "amp_dtype": "bfloat16"},
+                              {"images_per_sec": 48_000.0}, {}, 1_000, 601_000)
+    facts = model_card.CardFacts("m", "7", True, "first version", None, run, run, run, {})
+    card = model_card.render(facts, Settings.from_env({}))
+    assert "Trained on GPU (NVIDIA H100 80GB HBM3) x 16 processes: run took" in card
+    assert "48000.0 images/s in the last epoch" in card
+    assert "global_batch_size `4096`" in card and "amp_dtype `bfloat16`" in card
+    assert table_row(card, "batch_size") == ["`256`"]
+

@@ -35,7 +35,8 @@ SCORES = (("recall_at_1", "recall@1"), ("recall_at_5", "recall@5"), ("top1_accur
 MAX_CLASS_ROWS = 20  # more classes than this: the card gives the range, data_report.json has every count
 MAX_QUARANTINED_LINES = 5
 # How the training ran, beside the run's Params (retrain_contract.params.TRAINING): train-stage params.
-RUN_SETTINGS = ("weight_decay", "augment", "seed", "amp", "threads", "num_workers", "train_images")
+RUN_SETTINGS = ("global_batch_size", "weight_decay", "augment", "seed", "amp", "amp_dtype", "channels_last", "compile",
+                "threads", "num_workers", "train_images")
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,9 @@ def _training(facts: CardFacts) -> list[str]:
     device = train.params.get("device", "?")
     accelerator = train.params.get("gpu")
     on = f"GPU ({accelerator})" if device == "cuda" and accelerator and accelerator != "none" else device.upper()
+    world = int(train.params.get("world_size", "1"))
+    if world > 1:
+        on += f" x {world} processes"
     rows += ["", f"Trained on {on}: " + ", ".join(r for r in results if r) + "."]
     if how:
         rows.append(f"Also set: {', '.join(how)}.")

@@ -258,6 +258,7 @@ def run_params(args: argparse.Namespace, trainer: Trainer, train_loader: DataLoa
         "num_classes": num_classes, "train_images": len(train_loader.dataset),
         "world_size": trainer.world.size, "global_batch_size": train_loader.batch_sampler.global_batch,
         "num_workers": train_loader.num_workers, "threads": torch.get_num_threads(), "device": trainer.device.type,
+        "gpu": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "none",
         "amp": trainer.amp, "checkpoint_every_steps": args.checkpoint_every_steps,
         "amp_dtype": str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp else "none",
         "channels_last": trainer.channels_last, "compile": trainer.compiled,
