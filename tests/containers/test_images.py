@@ -135,6 +135,8 @@ def run_stage(stack: Stack, stage: str, *arguments: str) -> dict:
                   "--shm-size", "512m", "-v", f"{stack.xcom}:/airflow/xcom", *env,
                   TRAINER, f"embedder.{stage}", *arguments, check=False, timeout=900)
     assert proc.returncode == 0, f"stage {stage} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    # matplotlib has a writable config directory (MPLCONFIGDIR) under the read-only root: no warning, one font cache
+    assert "Matplotlib created a temporary cache directory" not in proc.stdout + proc.stderr
     # the default result path is where the XCom sidecar reads it, written as uid 10001
     assert result.stat().st_uid == POD_UID
     return json.loads(result.read_text())
