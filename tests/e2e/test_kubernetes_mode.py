@@ -15,19 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow import MlflowClient
 
 from localdev.stack import LocalStack
 from retrain import links
 from retrain.settings import Settings
 from retrain_contract.registry import alias_version
+from tests.helpers import GPU_OVERLAY, kustomize
 from tests.support.kube import KubeEmulator, rbac_rules
 
 pytestmark = pytest.mark.e2e
 MODEL = "k8s-embedder"
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
-K8S = Path(__file__).resolve().parents[2] / "k8s"
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +54,11 @@ def cluster(tmp_path_factory, mlflow_server, digits_root):
         "kube_config_path": str(emulator.kubeconfig(home / "kubeconfig")), "in_cluster": False}})
     for cmd in (["db", "migrate"], ["pools", "set", "gpu", "1", "GPU pods"]):
         subprocess.run([AIRFLOW, *cmd], env=airflow_env, check=True, capture_output=True, timeout=300)
-    emulator.add_deployment(next(d for d in kustomize("gpu") if d["kind"] == "Deployment"))
+    emulator.add_deployment(next(d for d in kustomize(GPU_OVERLAY) if d["kind"] == "Deployment"))
     try:
         yield emulator, settings, airflow_env
     finally:
         emulator.stop()
-
-
-def kustomize(overlay: str) -> list[dict]:
-    out = subprocess.run([str(Path(sys.executable).with_name("kubectl")), "kustomize", str(K8S / "overlays" / overlay)],
-                         capture_output=True, text=True, check=True).stdout
-    return list(yaml.safe_load_all(out))
 
 
 def dag_test(airflow_env: dict, conf: dict, **extra: str) -> tuple[str, str]:
@@ -244,6 +237,6 @@ def test_two_train_nodes_rendezvous_a_preempted_worker_resumes_and_the_run_promo
 
 def test_role_grants_exactly_what_the_operator_called(cluster):
     emulator, _, _ = cluster
-    granted = rbac_rules(kustomize("gpu"), "airflow-worker")
+    granted = rbac_rules(kustomize(GPU_OVERLAY), "airflow-worker")
     called = {(verb, res) for verb, res in emulator.verbs() if res != "version"}
     assert called == granted

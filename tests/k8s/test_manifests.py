@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 
-K8S = Path(__file__).resolve().parents[2] / "k8s"
+from tests.helpers import K8S, kustomize
+
 OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
-KUBECTL = str(Path(sys.executable).with_name("kubectl"))
-
-
-def build(overlay: Path) -> list[dict]:
-    out = subprocess.run([KUBECTL, "kustomize", str(overlay)], capture_output=True, text=True, check=True, timeout=60)
-    return list(yaml.safe_load_all(out.stdout))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_overlay_builds_and_validates(overlay):
-    docs = build(overlay)
+    docs = kustomize(overlay)
     assert {d["kind"] for d in docs} >= {"Namespace", "Deployment", "Service"}
     for doc in docs:
         kubernetes_validate.validate(doc, "1.37.0", strict=True)
@@ -31,7 +24,7 @@ def test_overlay_builds_and_validates(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_serving_is_pinned_to_a_version_and_restricted(overlay):
-    docs = build(overlay)
+    docs = kustomize(overlay)
     namespace = next(d for d in docs if d["kind"] == "Namespace")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
     deployment = next(d for d in docs if d["kind"] == "Deployment")
@@ -48,7 +41,7 @@ def test_serving_is_pinned_to_a_version_and_restricted(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_serving_shutdown_fits_the_grace_period(overlay):
-    docs = build(overlay)
+    docs = kustomize(overlay)
     pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("serving-config"))
     (container,) = pod["containers"]
@@ -63,7 +56,7 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_stage_pods_service_account_has_no_rights(overlay):
-    docs = build(overlay)
+    docs = kustomize(overlay)
     stage_sa = next(d for d in by_kind(docs, "ServiceAccount") if d["metadata"]["name"] == "retrain-stage")
     assert stage_sa["automountServiceAccountToken"] is False
     bound = {s["name"] for b in by_kind(docs, "RoleBinding") + by_kind(docs, "ClusterRoleBinding") for s in b["subjects"]}
@@ -72,7 +65,7 @@ def test_stage_pods_service_account_has_no_rights(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_no_credentials_in_manifests(overlay):
-    docs = build(overlay)
+    docs = kustomize(overlay)
     assert not by_kind(docs, "Secret")  # Secrets are created by the operator of the cluster, not committed
     for cm in by_kind(docs, "ConfigMap"):
         for key in cm["data"]:
@@ -81,7 +74,7 @@ def test_no_credentials_in_manifests(overlay):
 
 
 def settings_of(overlay: Path) -> dict[str, str]:
-    configmaps = by_kind(build(overlay), "ConfigMap")
+    configmaps = by_kind(kustomize(overlay), "ConfigMap")
     return next(cm["data"] for cm in configmaps if cm["metadata"]["name"].startswith("retrain-settings"))
 
 
@@ -111,10 +104,10 @@ def test_the_kubeflow_component_runs_several_nodes_as_pytorchjobs_and_grants_jus
 
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({  # an overlay of the user's, with the component
         "resources": [os.path.relpath(overlay, tmp_path)], "components": [os.path.relpath(KUBEFLOW, tmp_path)]}))
-    docs = build(tmp_path)
+    docs = kustomize(tmp_path)
     for doc in docs:
         kubernetes_validate.validate(doc, "1.37.0", strict=True)
-    plain = rbac_rules(build(overlay), "airflow-worker")
+    plain = rbac_rules(kustomize(overlay), "airflow-worker")
     assert not {res for _, res in plain if res == "pytorchjobs"}  # the base needs no operator
     assert rbac_rules(docs, "airflow-worker") - plain == {("create", "pytorchjobs"), ("list", "pytorchjobs"),
                                                           ("delete", "pytorchjobs")}

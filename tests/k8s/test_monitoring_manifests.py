@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate
@@ -15,23 +13,17 @@ import pytest
 import yaml
 
 from localdev import monitoring
+from tests.helpers import K8S, kustomize
 
-K8S = Path(__file__).resolve().parents[2] / "k8s"
 OVERLAYS = sorted(p.parent for p in (K8S / "overlays").glob("*/kustomization.yaml"))
 COMPONENT = K8S / "components" / "prometheus-operator"
-KUBECTL = str(Path(sys.executable).with_name("kubectl"))
-
-
-def build(directory: Path) -> list[dict]:
-    out = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=True, timeout=60)
-    return list(yaml.safe_load_all(out.stdout))
 
 
 def with_component(overlay: Path, tmp_path: Path) -> list[dict]:
     """``overlay`` with the component added, as a user's overlay adds it (kustomize wants relative paths)."""
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
         "resources": [os.path.relpath(overlay, tmp_path)], "components": [os.path.relpath(COMPONENT, tmp_path)]}))
-    return build(tmp_path)
+    return kustomize(tmp_path)
 
 
 def one(docs: list[dict], kind: str, name: str) -> dict:
@@ -41,7 +33,7 @@ def one(docs: list[dict], kind: str, name: str) -> dict:
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_the_dashboard_and_rules_ship_as_configmaps_of_the_one_copy(overlay):
-    docs = build(overlay)
+    docs = kustomize(overlay)
     dashboard = one(docs, "ConfigMap", "embedder-serving-dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"  # what Grafana's sidecar looks for
     assert dashboard["data"] == {monitoring.DASHBOARD.name: monitoring.DASHBOARD.read_text()}
@@ -71,7 +63,7 @@ def test_the_component_scrapes_every_serving_pod_and_carries_the_rules(overlay, 
 
 
 def test_the_ingress_policy_lets_prometheus_scrape_the_metrics_port():
-    docs = build(OVERLAYS[0])
+    docs = kustomize(OVERLAYS[0])
     policy = one(docs, "NetworkPolicy", "embedder-serving-ingress")
     (rule,) = policy["spec"]["ingress"]
     assert "from" not in rule and {"port": "http", "protocol": "TCP"} in rule["ports"]

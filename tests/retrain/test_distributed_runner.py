@@ -13,7 +13,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,10 +26,10 @@ from retrain.runners.kubernetes import stage_pod_operator
 from retrain.settings import Settings
 from retrain.waiting import poll
 from retrain_contract import stages
+from tests.helpers import KUBECTL, kustomize
 from tests.support.kube import KubeEmulator, rbac_rules
 
 REPO = Path(__file__).resolve().parents[2]
-KUBECTL = str(Path(sys.executable).with_name("kubectl"))
 RUN_ID = "manual__2026-11-22T02:00:00+00:00"
 
 
@@ -119,11 +118,6 @@ def test_two_nodes_rendezvous_and_rank_0s_result_is_the_xcom(cluster):
     granted = rbac_rules(kustomize(), "airflow-worker")
     assert {c for c in emulator.verbs() if c[1] != "version"} <= granted
     assert {("create", "jobs"), ("create", "services"), ("delete", "jobs"), ("delete", "services")} <= emulator.verbs()
-
-
-def kustomize(directory: Path = REPO / "k8s" / "overlays" / "gpu") -> list[dict]:
-    out = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=True).stdout
-    return list(yaml.safe_load_all(out))
 
 
 def test_a_preempted_worker_pod_reschedules_and_the_next_attempt_starts_afresh(cluster, tmp_path):

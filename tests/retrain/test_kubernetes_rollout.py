@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from kubernetes import client, config
 from mlflow import MlflowClient
 
@@ -26,17 +25,14 @@ from retrain import rollout
 from retrain.settings import Settings
 from retrain.waiting import poll
 from retrain_contract.results import PromoteResult
+from tests.helpers import GPU_OVERLAY, KUBECTL, kustomize
 from tests.support.kube import KubeEmulator
 
-K8S = Path(__file__).resolve().parents[2] / "k8s"
-KUBECTL = str(Path(sys.executable).with_name("kubectl"))
 MODEL = "image-embedder"
 
 
 def serving_deployment() -> dict:
-    out = subprocess.run([str(Path(sys.executable).with_name("kubectl")), "kustomize", str(K8S / "overlays" / "gpu")],
-                         capture_output=True, text=True, check=True).stdout
-    return next(d for d in yaml.safe_load_all(out) if d["kind"] == "Deployment")
+    return next(d for d in kustomize(GPU_OVERLAY) if d["kind"] == "Deployment")
 
 
 @pytest.fixture

@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
-import yaml
 from airflow.dag_processing.dagbag import DagBag
 from kubernetes.client import ApiClient
 
 from retrain.runners.distributed import IndexedJobStageOperator, PyTorchJobStageOperator
 from retrain.runners.kubernetes import StagePodOperator
 from retrain_contract import stages
+from tests.helpers import GPU_OVERLAY, kustomize
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
-GPU_OVERLAY = Path(__file__).resolve().parents[2] / "k8s" / "overlays" / "gpu"
-KUBECTL = str(Path(sys.executable).with_name("kubectl"))
 K8S_VERSION = "1.37.0"
 RUN_ID = "scheduled__2026-11-22T02:00:00+00:00"
 
@@ -164,8 +160,7 @@ def test_the_network_policies_let_a_run_s_train_pods_reach_each_other_and_nothin
     """The namespace denies ingress by default: the rendezvous, the store and gloo/NCCL need a policy of their own."""
     _, _, _, job = job_attempt
     train = job["spec"]["template"]["metadata"]["labels"]
-    out = subprocess.run([KUBECTL, "kustomize", str(GPU_OVERLAY)], capture_output=True, text=True, check=True).stdout
-    policies = [d for d in yaml.safe_load_all(out) if d["kind"] == "NetworkPolicy"]
+    policies = [d for d in kustomize(GPU_OVERLAY) if d["kind"] == "NetworkPolicy"]
     applying = [p for p in policies if selects(p["spec"]["podSelector"], train)]
     assert {p["metadata"]["name"] for p in applying} == {"default-deny-ingress", "train-ranks-ingress"}
     allowed = [rule for p in applying for rule in p["spec"].get("ingress", [])]
