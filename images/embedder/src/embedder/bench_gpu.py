@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from embedder import data, device_decode, loaders, loop, model
@@ -145,36 +144,31 @@ def pipeline_epoch(loader, device: torch.device) -> float:
 
 
 class BareLoop:
-    """The stage's model and step choices in plain PyTorch, on one batch already on the device."""
+    """The stage's model and step choices (a :class:`loop.Trainer` of its own), stepped in plain PyTorch on one
+    batch already on the device: no loader, no host-to-device copy, no metrics."""
 
     def __init__(self, architecture: str, num_classes: int, settings: argparse.Namespace, device: torch.device):
         self.device = device
-        self.memory_format = torch.channels_last if loop.switch(settings.channels_last, device) else torch.preserve_format
-        net = model.build(architecture, num_classes).to(device, memory_format=self.memory_format)
-        self.net = torch.compile(net) if loop.switch(settings.compile, device) else net
-        self.amp = device.type == "cuda"  # the stage's --amp auto
-        self.dtype = loop.amp_dtype(device)
-        self.optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4, fused=device.type == "cuda")
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp and self.dtype == torch.float16)
-        self.criterion = nn.CrossEntropyLoss()
+        self.trainer = loop.Trainer(model.build(architecture, num_classes), settings, device)
         generator = torch.Generator().manual_seed(0)
         size = settings.image_size
         self.inputs = torch.randn(settings.batch_size, 3, size, size, generator=generator).to(
-            device, memory_format=self.memory_format)
+            device, memory_format=self.trainer.memory_format)
         self.targets = torch.randint(0, num_classes, (settings.batch_size,), generator=generator).to(device)
 
     def run(self, steps: int) -> float:
         """``steps`` optimizer steps; images/s."""
-        self.net.train()
+        t = self.trainer
+        t.model.train()
         _synchronize(self.device)
         start = time.perf_counter()
         for _ in range(steps):
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.amp):
-                loss = self.criterion(self.net(self.inputs), self.targets)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            with torch.autocast(self.device.type, dtype=t.amp_dtype, enabled=t.amp):
+                loss = t.criterion(t.model(self.inputs), self.targets)
+            t.optimizer.zero_grad(set_to_none=True)
+            t.scaler.scale(loss).backward()
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
         _synchronize(self.device)
         return steps * len(self.targets) / (time.perf_counter() - start)
 
@@ -248,7 +242,7 @@ def measure(args: argparse.Namespace, root: Path) -> Report:
             for key, value in measured.items():
                 sides[key].append(value)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    precision = f"{str(trainer.amp_dtype).removeprefix('torch.')} autocast" if trainer.amp else "float32"
+    precision = f"{trainer.precision} autocast" if trainer.precision else "float32"
     setup = (f"{precision}, channels_last {'on' if trainer.channels_last else 'off'}, torch.compile "
              f"{'on' if trainer.compiled else 'off'}, JPEGs decoded on the {args.decode_on}, "
              f"{train_loader.num_workers} loader workers of "
@@ -295,9 +289,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         sys.exit("python -m embedder.bench_gpu: error: no CUDA device is visible; this benchmark is for GPUs "
                  "(--device cpu with small sizes runs it as a smoke test)")
     torch.manual_seed(0)
-    if args.device == "cuda":  # as the train stage sets them
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
+    loop.configure_backends(torch.device(args.device))  # as the train stage sets them
     torch.set_num_threads(args.threads or model.cpu_budget())
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
         report = measure(args, Path(args.data or os.path.join(tmp, "jpegs")))

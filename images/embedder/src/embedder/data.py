@@ -246,10 +246,13 @@ class ManifestDataset(Dataset):
         """The ``index``-th file's bytes, checked against the manifest's size."""
         return self._read(self.entries[index])
 
+    def target(self, index: int) -> int:
+        """The ``index``-th image's class index; -1 for a class this dataset's classes do not have."""
+        return self.class_to_idx.get(self.entries[index].label, -1)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        entry = self.entries[index]
-        return self.transform(self.image(index)), self.class_to_idx.get(entry.label, -1)
+        return self.transform(self.image(index)), self.target(index)
 
     def image(self, index: int) -> Image.Image:
         """The ``index``-th image as stored (decoded to RGB, untransformed)."""
-        return decode_rgb(self._read(self.entries[index]))
+        return decode_rgb(self.read(index))

@@ -13,6 +13,7 @@ input-pipeline side says whether the workers are the bound.
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ class EncodedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Crop, int]:
         raw = self.base.read(index)
-        target = self.base.class_to_idx.get(self.base.entries[index].label, -1)
+        target = self.base.target(index)
         with Image.open(io.BytesIO(raw)) as header:  # the header only: nothing is decoded
             width, height = header.size
             on_device = header.format == "JPEG" and header.mode in ("RGB", "L")
@@ -112,9 +113,15 @@ class EncodedBatch:
                 out[k] = pixels.flip(-1) if crop.flip else pixels
             else:
                 out[k] = payload.to(device, non_blocking=True)
-        mean = torch.tensor(images.IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(images.IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255
+        mean, std = _normalisation(device)
         return out.sub_(mean).div_(std)
+
+
+@functools.cache
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std on ``device``, scaled to 0-255 pixels: made once per device, not every step."""
+    return (torch.tensor(images.IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(images.IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255)
 
 
 def collate(batch: list[tuple[torch.Tensor, Crop, int, int]], image_size: int

@@ -107,7 +107,7 @@ def initialized(device_type: str, timeout_s: float, env: Mapping[str, str] | Non
     env = os.environ if env is None else env
     rank, size, local_rank, local_size = world_from_env(env)
     if LAUNCHER_PID_ENV in env:  # under embedder.torchrun, even as its only process
-        die_with_launcher()
+        die_with_launcher(int(env[LAUNCHER_PID_ENV]))
     if size == 1:
         yield SINGLE
         return
@@ -133,7 +133,7 @@ def initialized(device_type: str, timeout_s: float, env: Mapping[str, str] | Non
 LAUNCHER_PID_ENV = "EMBEDDER_LAUNCHER_PID"  # set by embedder.torchrun for its ranks
 
 
-def die_with_launcher() -> None:
+def die_with_launcher(launcher: int) -> None:
     """SIGKILL this rank when its launcher dies (Linux): no rank trains on as an orphan.
 
     torchrun starts each rank in a session of its own, so killing the launcher's process group
@@ -142,6 +142,5 @@ def die_with_launcher() -> None:
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        launcher = os.environ.get(LAUNCHER_PID_ENV)
-        if launcher and os.getppid() != int(launcher):  # the launcher died before the line above
+        if os.getppid() != launcher:  # the launcher died before the line above
             os.kill(os.getpid(), signal.SIGKILL)

@@ -142,7 +142,7 @@ def loader_workers(requested: int, local_processes: int = 1, cuda: bool = False)
     """
     if requested >= 0:
         return requested
-    share = max(1, model.cpu_budget() // local_processes)
+    share = model.cpu_share(local_processes)
     if cuda:
         return max(1, share - 1)
     return 0 if share <= 2 else min(8, share - 1)

@@ -117,6 +117,16 @@ def amp_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
+def configure_backends(device: torch.device, deterministic: bool = False) -> None:
+    """Deterministic kernels, or, on CUDA, cuDNN's autotuning and TF32 for what autocast leaves in float32."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+
 class Trainer:
     """The model, optimizer, LR schedule and gradient scaler, and one optimizer step.
 
@@ -132,7 +142,7 @@ class Trainer:
         self.channels_last = switch(args.channels_last, device)
         self.memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.net = net.to(device, memory_format=self.memory_format)
-        self.amp = (device.type == "cuda" and args.amp == "auto") or args.amp == "on"
+        self.amp = switch(args.amp, device)
         self.amp_dtype = amp_dtype(device)
         self.compiled = switch(args.compile, device)
         trained: nn.Module = self.net
@@ -145,6 +155,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=args.epochs)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp and self.amp_dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss()
+
+    @property
+    def precision(self) -> str | None:
+        """The autocast type's name (``bfloat16``, ``float16``); None without mixed precision."""
+        return str(self.amp_dtype).removeprefix("torch.") if self.amp else None
 
     def step(self, inputs: torch.Tensor | EncodedBatch, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step (the model in train mode); returns the batch's summed loss and correct count (on the device).

@@ -165,3 +165,8 @@ def cpu_budget(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     except (OSError, ValueError):
         pass
     return n
+
+
+def cpu_share(processes: int) -> int:
+    """CPUs for each of ``processes`` processes sharing this node's :func:`cpu_budget` (at least one)."""
+    return max(1, cpu_budget() // processes)

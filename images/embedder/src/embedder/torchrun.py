@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.signals_to_handle = TORCHRUN_SIGNALS
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = TORCHRUN_SIGNALS
     if args.nproc_per_node.isdigit():  # torchrun's "gpu", "cpu", ... count devices themselves
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, model.cpu_budget() // int(args.nproc_per_node))))
+        os.environ.setdefault("OMP_NUM_THREADS", str(model.cpu_share(int(args.nproc_per_node))))
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     forward = ForwardSigterm()
     signal.signal(signal.SIGTERM, forward)

@@ -56,7 +56,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 
 import embedder
-from embedder import checkpoint, checkpoint_writer, data, device_decode, distributed, images, model, stage, tracking
+from embedder import checkpoint, checkpoint_writer, data, device_decode, distributed, images, loop, model, stage, tracking
 from embedder.distributed import World
 from embedder.loaders import make_loaders
 from embedder.loop import EPOCH_METRICS, STEP_METRICS, MetricLog, Progress, SampleTrace, StopSignal, Trainer, fit
@@ -176,13 +176,8 @@ def configure_torch(args: argparse.Namespace, world: World = distributed.SINGLE)
     """
     device = torch.device("cuda", world.local_rank) if device_type(args) == "cuda" else torch.device("cpu")
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads or max(1, model.cpu_budget() // world.local_size))
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in float32
+    torch.set_num_threads(args.threads or model.cpu_share(world.local_size))
+    loop.configure_backends(device, deterministic=args.deterministic)
     return device
 
 
@@ -260,7 +255,7 @@ def run_params(args: argparse.Namespace, trainer: Trainer, train_loader: DataLoa
         "num_workers": train_loader.num_workers, "threads": torch.get_num_threads(), "device": trainer.device.type,
         "gpu": torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "none",
         "amp": trainer.amp, "checkpoint_every_steps": args.checkpoint_every_steps,
-        "amp_dtype": str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp else "none",
+        "amp_dtype": trainer.precision or "none",
         "channels_last": trainer.channels_last, "compile": trainer.compiled,
         "checkpoint_location": start.location or "none",
     }
