@@ -201,6 +201,16 @@ def test_two_ranks_train_each_step_on_exactly_the_images_of_one_process_and_reac
     # Not the same numbers (batch norm sees 8 images per rank, not 16), the same band.
     assert one_process["final_val_accuracy"] >= 0.6 and result["final_val_accuracy"] >= 0.6
     assert abs(one_process["final_val_accuracy"] - result["final_val_accuracy"]) <= 0.2
+    # The progress lines' loss (rank 0's share of each batch) is on the scale of the logged batch loss (all ranks').
+    logged = dict(zip(metric_steps(workspace, result["mlflow_run_id"], "batch_loss"),
+                      [m.value for m in MlflowClient(workspace.tracking_uri).get_metric_history(result["mlflow_run_id"],
+                                                                                                  "batch_loss")],
+                      strict=True))
+    shown = {(int(m[1]) - 1) * STEPS + int(m[2]): float(m[3]) for line in first.lines()
+             if (m := re.search(r"epoch (\d+)/\d+ step (\d+)/\d+ .*, loss ([\d.]+),", line))}
+    common = sorted(logged.keys() & shown.keys())
+    assert len(common) >= 4, (sorted(logged), sorted(shown))
+    assert 0.7 <= sum(shown[k] for k in common) / sum(logged[k] for k in common) <= 1.4
 
 
 @pytest.mark.training

@@ -23,7 +23,7 @@ def test_progress_is_logged_every_n_steps_or_every_t_seconds_whichever_first():
         progress.batch = (step - 1) % 20 + 1
         progress.epoch = (step - 1) // 20
         progress.global_step = step
-        line = reporter.step(progress, images=32, loss_sum=32 * 1.5)
+        line = reporter.step(progress, images=32, loss=1.5)
         if line:
             lines.append((step, line))
     assert [s for s, _ in lines] == [10, 20, 28, 36]  # every 10 steps, then every 30 s (8 steps of 4 s)

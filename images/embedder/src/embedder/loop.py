@@ -210,7 +210,8 @@ class ProgressLog:
     """Logs where training is within an epoch: every ``every_steps`` steps or ``every_s`` seconds, whichever first.
 
     A line says the epoch and step, the share done, images/s since the last line, the batch loss
-    and the estimated time to the end of training (from the pace since this process started).
+    (with several ranks, rank 0's share of the batch) and the estimated time to the end of training
+    (from the pace since this process started).
     """
 
     def __init__(self, every_steps: int, every_s: float, epochs: int, per_epoch: int, clock=time.monotonic):
@@ -222,8 +223,9 @@ class ProgressLog:
         self.last_step = 0
         self.images = 0
 
-    def step(self, progress: Progress, images: int, loss_sum: torch.Tensor | float) -> str | None:
-        """Count one step of ``images`` with summed loss ``loss_sum``; returns (and logs) the line when one is due.
+    def step(self, progress: Progress, images: int, loss: torch.Tensor | float) -> str | None:
+        """Count one step of ``images`` (of every rank) with mean batch loss ``loss``; returns (and logs) the line
+        when one is due.
 
         The loss is read only when a line is due, so a GPU is not synchronised every step.
         """
@@ -238,7 +240,7 @@ class ProgressLog:
         eta = (total - progress.global_step) * per_step
         line = (f"epoch {progress.epoch + 1}/{self.epochs} step {progress.batch}/{self.per_epoch} "
                 f"({100 * progress.global_step / total:.0f}% of training): "
-                f"{self.images / max(now - self.last_time, 1e-9):.1f} images/s, loss {float(loss_sum) / images:.4f}, "
+                f"{self.images / max(now - self.last_time, 1e-9):.1f} images/s, loss {float(loss):.4f}, "
                 f"ETA {_duration(eta)}")
         log.info(line)
         self.last_time, self.last_step, self.images = now, progress.global_step, 0
@@ -426,7 +428,7 @@ def fit(trainer: Trainer, progress: Progress, args: argparse.Namespace, train_lo
                 if metrics:
                     metrics.add({"batch_loss": loss_sum / images}, progress.global_step)
             if reporter:
-                reporter.step(progress, len(targets) * world.size, batch_loss)
+                reporter.step(progress, len(targets) * world.size, batch_loss / len(targets))
             if stop.agreed(world):
                 meter.sync()
                 if saver is None:
