@@ -2,7 +2,9 @@
 and a scheduler killed mid-training that comes back and finishes the run from its checkpoint.
 
 The cron is set to every minute through its setting (``RETRAIN_SCHEDULE``), and the deployment's
-defaults make the scheduled run train long enough to span several ticks (and a kill).
+defaults make the scheduled run train long enough to span several ticks (and a kill). Train runs as two
+processes (``RETRAIN_TRAIN_PROCS=2``: torchrun, DDP over gloo), as a machine with two GPUs would run it, so
+the kill takes a launcher and its ranks, and the resumed run is a distributed one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ RETRAIN = "retrain_embedder"
 def running(tmp_path_factory, digits_root):
     env = {**SMALL_RUNS, "RETRAIN_SCHEDULE": "* * * * *", "RETRAIN_MONITOR_SCHEDULE": "0 0 1 1 *",
            "RETRAIN_EPOCHS": "24", "RETRAIN_IMAGE_SIZE": "64", "RETRAIN_CHECKPOINT_EVERY_STEPS": "0",
+           "RETRAIN_TRAIN_PROCS": "2",
            "RETRAIN_DATA_URI": digits_root.as_uri()}
     with started_stack(tmp_path_factory.mktemp("schedule"), env) as stack:
         yield stack
@@ -76,6 +79,7 @@ def test_a_scheduler_killed_mid_training_comes_back_and_the_run_resumes_from_its
     client = MlflowClient(settings.tracking_uri)
     training = client.get_run(result["mlflow_run_id"])
     assert int(training.data.tags["resume.count"]) >= 1 and int(training.data.tags["resume.from_step"]) > 0
+    assert training.data.params["world_size"] == "2"  # both ranks trained, before and after the kill
     for key in ("batch_loss", "train_loss", "val_accuracy", "learning_rate"):
         steps = [m.step for m in client.get_metric_history(training.info.run_id, key)]
         assert steps and len(steps) == len(set(steps)), f"{key} logged a step twice: {steps}"
