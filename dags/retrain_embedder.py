@@ -8,12 +8,12 @@ forward to the champion version.
 
 | task | what it does |
 |---|---|
-| `check_drift` | reads the registry and MLflow; skips the rest (and says why) when there is nothing to do |
+| `check_drift` | reads what serves, the registry and MLflow; notices an operator's veto; skips the rest (saying why) |
 | `prepare_data` | manifest of the data root (file, label, split, sha256); dataset version = its hash |
 | `train` | fine-tunes the model, logs metrics and the head-less embedder to MLflow |
 | `evaluate` | recall@1/@5 and top-1 accuracy of challenger and champion on the same test split; the evaluation report |
 | `promote` | registers the challenger (`@challenger`) with its model card; moves `@champion` only on a large enough gain |
-| `deploy` | pins serving to the champion **version**, waits until it serves, rolls back on failure |
+| `deploy` | previews the champion **version** beside what serves, proves it on mirrored traffic, switches all at once |
 
 Stages run as `python -m embedder.<stage>`, locally or in pods (`RETRAIN_RUNNER`).
 """
@@ -74,5 +74,5 @@ with DAG(
 
     promote = PromoteOperator(task_id="promote", preparation=prepare.output, train_result=train.output,
                               evaluation=evaluate.output)
-    deploy = DeployOperator(task_id="deploy", promotion=promote.output)
+    deploy = DeployOperator(task_id="deploy", promotion=promote.output, preparation=prepare.output)
     chain(check_drift, prepare, train, evaluate, promote, deploy)

@@ -51,6 +51,9 @@ DEMO_SETTINGS = {
     "RETRAIN_EPOCHS": "2", "RETRAIN_IMAGE_SIZE": "32", "RETRAIN_BATCH_SIZE": "64",
     "RETRAIN_DRIFT_WINDOW_S": "15", "RETRAIN_DRIFT_WINDOWS": "2", "RETRAIN_SAMPLE_RATE": "1.0",
     "RETRAIN_DRIFT_MIN_SAMPLES": "40", "RETRAIN_DRIFT_PERMUTATIONS": "300", "RETRAIN_DRIFT_COOLDOWN_H": "0",
+    # No client traffic while the demo deploys: the analysis waits 5 s for mirrored requests, then replays
+    # held-out images to both versions; the old version stays warm 5 s after each switch.
+    "RETRAIN_ANALYSIS_WINDOW_S": "5", "RETRAIN_SCALE_DOWN_DELAY_S": "5", "RETRAIN_MIRROR_RATE": "1.0",
 }
 TRAFFIC_PER_WINDOW = 60
 
@@ -95,8 +98,14 @@ class Demo:
               f"on dataset {promotion['dataset_version']}")
         print(f"   {'PROMOTED' if promotion['promoted'] else 'NOT PROMOTED'}: {promotion['reason']}")
         deployed = self.result(RETRAIN, run, "deploy")
+        if deployed.get("analysis"):
+            verdict = deployed["analysis"]
+            gates = ", ".join(f"{g['name']} {'pass' if g['passed'] else 'FAIL'}" for g in verdict["gates"])
+            print(f"   analysis of the preview on mirrored traffic: {verdict['images']} images "
+                  f"({verdict['replayed']} replayed held-out images): {gates}")
         print(f"   deploy: serving model version {deployed['model_version']} (revision {deployed['revision']}, "
-              f"{'rolled out' if deployed['changed'] else 'unchanged'}, smoke /embed {deployed['embed_latency_ms']} ms)")
+              f"{'switched' if deployed['changed'] else 'unchanged'}, smoke /embed {deployed['embed_latency_ms']} ms)"
+              + (f"; {deployed['note']}" if deployed.get("note") else ""))
 
 
 def embed_probe(settings: Settings) -> tuple[int, float, str]:

@@ -249,7 +249,8 @@ def test_not_ready_is_a_503_with_retry_after():
         assert empty.get("/readyz").status_code == 503
         resp = empty.post("/embed", json={"image": b64(PNG)})
         assert resp.status_code == 503 and resp.headers["retry-after"] == "5"
-        assert resp.json()["detail"] == "no model loaded yet"
+        assert resp.json()["detail"] == "no model version pinned yet: nothing has been deployed"
+        assert empty.get("/readyz").json()["reason"] == "no model version pinned yet: nothing has been deployed"
 
 
 def test_every_pairing_of_route_and_encoding_is_accepted(client):

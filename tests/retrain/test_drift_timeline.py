@@ -24,7 +24,7 @@ from retrain.rollout.history import record_serving
 from retrain.settings import Settings
 from retrain_contract import artifacts
 from tests.helpers import check_figure
-from tests.support.samples import MODEL, write_window
+from tests.support.samples import MODEL, serve, write_window
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -51,6 +51,7 @@ def second_act(digits_root, mlflow_sqlite, tmp_path):
     client.set_registered_model_alias(MODEL, "champion", "1")
     record_serving(client, settings, model_name=MODEL, version="1", outcome="rolled_out", revision=1,
                    airflow_run_id="manual__1")
+    serve(settings, "1")
     # Traffic as the demo sends it: a shuffled draw of the test split, then the same digits in the new look.
     random.Random(0).shuffle(test_images)
     same = np.stack([pixels(p.read_bytes()) for p in test_images[:TRAFFIC_PER_WINDOW]])

@@ -9,8 +9,10 @@ alerts.
 
 from __future__ import annotations
 
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from mlflow import MlflowClient
 
@@ -19,12 +21,16 @@ from retrain.settings import DriftSettings, Settings
 from retrain_contract import artifacts
 from retrain_contract.registry import CHAMPION, alias_version
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class RetrainDecision:
     retrain: bool
     reason: str
     champion_version: str | None = None
+    serving_version: str | None = None
+    vetoed_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,3 +101,30 @@ def check(settings: Settings, force: bool, client: MlflowClient | None = None, c
     if force:
         return decide(True, Signals(alias_version(client, settings.model_name, CHAMPION)), cfg)
     return decide(False, gather(settings, cfg, client, now), cfg)
+
+
+def check_serving(settings: Settings, force: bool, run_id: str, client: MlflowClient | None = None,
+                  cfg: DriftSettings | None = None, now: float | None = None, target: Any = None,
+                  lift: bool = False) -> RetrainDecision:
+    """The run's first decision, on what actually serves: reconcile it with the registry (an operator's veto,
+    a run that did not finish its rollout: :mod:`retrain.rollout.ownership`), lift a veto when asked, then
+    :func:`check`. What reconciliation noticed and did leads the reason."""
+    from retrain.rollout import ownership, target_for
+
+    client = client or MlflowClient()
+    own = ownership.reconcile(settings, client, target or target_for(settings), run_id)
+    notes = list(own.notes)
+    if lift:
+        version = ownership.latest_veto(client, settings.model_name)
+        if version is not None:
+            notes.append(ownership.lift_veto(client, settings.model_name, version, run_id))
+            force = True
+        else:
+            notes.append("lift_veto: no version carries an operator's veto; nothing to lift")
+    decided = check(settings, force, client, cfg, now)
+    if lift and force and decided.reason == "force_retrain was set on this run":
+        decided = replace(decided, reason="lift_veto was set on this run")
+    serving = f"version {own.serving} serves" if own.serving else "nothing serves yet"
+    reason = " ".join([*notes, decided.reason]) if notes else decided.reason
+    log.info("serving: %s; @%s: version %s", serving, CHAMPION, decided.champion_version)
+    return replace(decided, reason=reason, serving_version=own.serving, vetoed_version=own.vetoed)

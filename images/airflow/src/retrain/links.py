@@ -51,4 +51,7 @@ SERVING = ResultLink("Serving", ("model_version",), lambda s, r: f"{s.serving_ur
 # The rollout's record in MLflow's <experiment>-serving experiment (what served when, from which run).
 ROLLOUT_RECORD = ResultLink("Rollout record", ("serving_experiment_id", "serving_run_id"),
                             lambda s, r: s.mlflow_run_url(r["serving_experiment_id"], r["serving_run_id"]))
-ALL = (MLFLOW_RUN, MODEL_VERSION, SERVING, ROLLOUT_RECORD)
+# The analysis of the preview on mirrored traffic: its gates, their thresholds and what they measured.
+ANALYSIS_RECORD = ResultLink("Analysis record", ("serving_experiment_id", "analysis_run_id"),
+                             lambda s, r: s.mlflow_run_url(r["serving_experiment_id"], r["analysis_run_id"]))
+ALL = (MLFLOW_RUN, MODEL_VERSION, SERVING, ROLLOUT_RECORD, ANALYSIS_RECORD)

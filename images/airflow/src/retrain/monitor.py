@@ -1,6 +1,7 @@
 """The drift monitor: production embedding windows against the champion's reference, logged to MLflow.
 
-For the champion version, every closed sample window that is not yet in MLflow is compared with the
+For the version that serves (read from serving itself, not from an alias), every closed sample
+window that is not yet in MLflow is compared with the
 reference embeddings stored with that version (``drift/reference.npy`` on its training run; see
 ``embedder.evaluate.log_reference``). Each window's scores are logged to one MLflow run per model
 version in the ``<experiment>-monitoring`` experiment, as metric series whose step is the window's
@@ -22,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from mlflow import MlflowClient
@@ -32,7 +34,6 @@ from retrain.alerts import Alert, send_alert
 from retrain.drift_history import DriftSignalError, drift_state, history, monitoring_run
 from retrain.settings import Settings
 from retrain_contract import artifacts, storage
-from retrain_contract.registry import CHAMPION, alias_version
 from retrain_contract.results import MonitorReport
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,20 @@ def load_reference(client: MlflowClient, model_name: str, version: str) -> np.nd
         return np.load(Path(path), allow_pickle=False)
 
 
-def monitor_once(settings: Settings, client: MlflowClient | None = None, now: float | None = None) -> dict:
-    """Score every closed, unscored window of the champion; log, alert on a state change; report the state."""
+def monitor_once(settings: Settings, client: MlflowClient | None = None, now: float | None = None,
+                 target: Any = None) -> dict:
+    """Score every closed, unscored window of the version that serves; log, alert on a state change; report."""
+    from retrain.rollout import target_for
+
     client = client or MlflowClient()
     now = time.time() if now is None else now
     cfg = settings.drift
     name = settings.model_name
-    version = alias_version(client, name, CHAMPION)
+    active = (target or target_for(settings)).read().active  # what answers clients, not what an alias says
+    version = active.model_version if active is not None and active.model_name == name else None
     if version is None:
-        return MonitorReport(champion=None, state=drift.OK, confirmed=False, reason="no champion to monitor").to_json()
+        return MonitorReport(champion=None, state=drift.OK, confirmed=False,
+                             reason="nothing serves yet: no traffic to monitor").to_json()
     run = monitoring_run(client, settings, name, version)
     run_id = run.info.run_id
     done = {start for start, _ in history(client, run_id)}

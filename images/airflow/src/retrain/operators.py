@@ -36,9 +36,11 @@ class CheckDriftOperator(BaseOperator, SkipMixin):
         p = context["params"]
         cfg = dataclasses.replace(settings.drift, alpha=float(p["drift_alpha"]), windows=int(p["drift_windows"]),
                                   cooldown_h=float(p["drift_cooldown_h"]), max_age_days=float(p["max_champion_age_days"]))
-        result = decision.check(settings, bool(p["force_retrain"]), cfg=cfg)
-        verdict = CheckDriftResult(retrain=result.retrain, reason=result.reason,
-                                   champion_version=result.champion_version).to_json()
+        result = decision.check_serving(settings, bool(p["force_retrain"]), run_id=context["run_id"], cfg=cfg,
+                                        lift=bool(p.get("lift_veto", False)))
+        verdict = CheckDriftResult(retrain=result.retrain, reason=result.reason, champion_version=result.champion_version,
+                                   serving_version=result.serving_version,
+                                   vetoed_version=result.vetoed_version).to_json()
         if not result.retrain:
             self.log.info("no retrain, skipping the rest of the run: %s", result.reason)
             context["ti"].xcom_push(key="return_value", value=verdict)
@@ -76,22 +78,29 @@ class PromoteOperator(BaseOperator):
 
 
 class DeployOperator(BaseOperator):
-    """Pin serving to the champion version, wait until it serves it, smoke-test it; roll back on failure.
+    """Serve the champion, one embedding space at a time: a preview beside the active version, proven on mirrored
+    live traffic (topped up with the snapshot's held-out images), then every client switched at once.
 
-    A rollback is a verdict, so it fails the task without retries. A retry after anything else (a
-    worker lost mid-wait) is safe: it makes no new revision and still knows what to restore.
+    A verdict (preview, analysis or switch failed) fails the task without retries. A retry after anything
+    else (a worker lost, MLflow or the API server down) goes on from the state it finds (:mod:`retrain.rollout`).
     """
 
-    template_fields: Sequence[str] = ("promotion",)
-    operator_extra_links = (links.SERVING, links.ROLLOUT_RECORD)
+    template_fields: Sequence[str] = ("promotion", "preparation")
+    operator_extra_links = (links.SERVING, links.ROLLOUT_RECORD, links.ANALYSIS_RECORD)
     ui_color = "#e8f4fa"
 
-    def __init__(self, *, promotion: Any, **kwargs: Any):
+    def __init__(self, *, promotion: Any, preparation: Any = None, **kwargs: Any):
         super().__init__(**kwargs)
-        self.promotion = promotion
+        self.promotion, self.preparation = promotion, preparation
 
     def execute(self, context: Any) -> dict[str, Any]:
         from retrain import rollout
+        from retrain_contract.results import PrepareResult
 
-        # A failed rollout raises RolloutFailed: no retries, and (alerted) no second alert.
-        return rollout.roll_out_champion(Settings.from_env(), self.promotion, context["run_id"])
+        def replay_images(count: int) -> list[tuple[str, bytes]]:
+            return rollout.held_out_images(PrepareResult.from_json(self.preparation).manifest_uri, count)
+
+        # A verdict raises RolloutFailed: no retries, and (alerted) no second alert.
+        return rollout.roll_out_champion(Settings.from_env(), self.promotion, context["run_id"],
+                                         replay_images=replay_images if self.preparation else None,
+                                         lift_veto=bool(context.get("params", {}).get("lift_veto", False)))

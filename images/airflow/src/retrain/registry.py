@@ -91,6 +91,11 @@ def promote(model_name: str, train_result: dict[str, Any], evaluation: dict[str,
     current = alias_version(client, model_name, CHAMPION)
     evaluated_against = champion.version if champion else None
     if current != evaluated_against:
+        done = _already_promoted(client, model_name, train.mlflow_run_id, current, evaluated_against)
+        if done is not None:  # a retry of this task after it had moved @champion: the same result again
+            log.info("%s version %s was promoted by an earlier attempt of this task: %s", model_name, done.version,
+                     done.reason)
+            return done.to_json()
         raise RuntimeError(
             f"@{CHAMPION} of {model_name} is version {current}, but the challenger was evaluated against "
             f"{evaluated_against}; another run moved it. Re-run evaluate so both are scored on the same data."
@@ -125,6 +130,24 @@ def promote(model_name: str, train_result: dict[str, Any], evaluation: dict[str,
                          previous_champion=current, champion=version if decision.promote else current,
                          recall_at_1=getattr(challenger, HEADLINE_METRIC), champion_recall_at_1=champion_score,
                          dataset_version=scored.dataset_version).to_json()
+
+
+def _already_promoted(client: MlflowClient, model_name: str, train_run_id: str, current: str | None,
+                      evaluated_against: str | None) -> PromoteResult | None:
+    """The result of an earlier attempt that registered this training run and moved ``@champion`` to it, if one did."""
+    mine = client.search_model_versions(f"name = '{model_name}' and run_id = '{train_run_id}'")
+    if not mine or current is None:
+        return None
+    mv = max(mine, key=lambda m: int(m.version))
+    tags = mv.tags or {}
+    if str(mv.version) != current or tags.get("promotion.decision") != "promoted" or \
+            tags.get("champion.version", "none") != (evaluated_against or "none"):
+        return None
+    champion_score = tags.get(f"champion.{HEADLINE_METRIC}", "none")
+    return PromoteResult(model_name=model_name, version=current, promoted=True, reason=tags.get("promotion.reason", ""),
+                         previous_champion=evaluated_against, champion=current,
+                         recall_at_1=float(tags["eval.recall_at_1"]), dataset_version=tags["eval.dataset_version"],
+                         champion_recall_at_1=None if champion_score == "none" else float(champion_score))
 
 
 def embedding_dim(client: MlflowClient, name: str, version: str) -> int | None:

@@ -22,8 +22,9 @@ DAG_ID = "retrain_embedder"
 MAX_NOTE = 1000  # the API's limit on a note
 
 
-def note_for(decision: dict[str, Any] | None, promotion: dict[str, Any] | None, state: str) -> str | None:
-    """The note for a run that ended in ``state``, from its ``check_drift`` and ``promote`` results."""
+def note_for(decision: dict[str, Any] | None, promotion: dict[str, Any] | None, state: str,
+             deployment: dict[str, Any] | None = None) -> str | None:
+    """The note for a run that ended in ``state``, from its ``check_drift``, ``promote`` and ``deploy`` results."""
     if not decision:
         return None
     if not decision.get("retrain"):
@@ -34,6 +35,13 @@ def note_for(decision: dict[str, Any] | None, promotion: dict[str, Any] | None, 
         text += f" {outcome}: version {promotion.get('version')}: {promotion.get('reason')}"
     elif state == "failed":
         text += " The run failed before promotion."
+    if deployment:
+        text += (f" Serving: version {deployment.get('model_version')}"
+                 f"{' (switched)' if deployment.get('changed') else ' (unchanged)'}.")
+        if deployment.get("note"):
+            text += f" {deployment['note']}"
+    elif promotion and state == "failed":
+        text += " Serving did not change (the deploy task says why)."
     return text[:MAX_NOTE]
 
 
@@ -55,7 +63,8 @@ def _annotate(dag_run: Any, state: str) -> None:
     if session is None:
         return
     try:
-        note = note_for(_result(session, dag_run, "check_drift"), _result(session, dag_run, "promote"), state)
+        note = note_for(_result(session, dag_run, "check_drift"), _result(session, dag_run, "promote"), state,
+                        _result(session, dag_run, "deploy"))
     except Exception:  # a note is a courtesy: it must never disturb the scheduler
         log.exception("could not build the note of run %s", dag_run.run_id)
         return

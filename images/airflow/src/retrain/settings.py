@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from retrain_contract import params
+from retrain_contract.serving import PREVIEW_PREFIX
 
 RUNNERS = ("local", "kubernetes")
 TRAIN_LAUNCHERS = ("job", "pytorchjob")  # several train nodes: an Indexed Job + headless Service, or a PyTorchJob
@@ -133,6 +134,76 @@ class DriftSettings:
 
 
 @dataclass(frozen=True)
+class AnalysisSettings:
+    """The gates a preview must pass on mirrored traffic before it serves (README, "What serves").
+
+    Each gate compares the preview with the active version on the same requests. ``min_images`` images must
+    have been compared; live traffic is awaited for ``window_s`` and, with ``replay``, topped up with the
+    snapshot's held-out test images (sent to both versions by the deploy step) when it falls short. With
+    ``prometheus_url`` the counts come from Prometheus queries (every preview pod), else from the preview's
+    own ``/metrics``.
+    """
+
+    min_images: int = 32
+    window_s: float = 120.0
+    replay: bool = True
+    max_error_rate: float = 0.01  # preview errors per mirrored request
+    max_latency_ratio: float = 2.0  # preview p95 / active p95 on the same requests ...
+    latency_floor_ms: float = 100.0  # ... failing only when the preview's p95 is also above this
+    max_bad_rate: float = 0.0  # embeddings that are not unit vectors, per image
+    min_label_agreement: float = 0.5  # images whose neighbour votes agree (each version in its own gallery)
+    prometheus_url: str = ""
+    poll_s: float = 1.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> AnalysisSettings:
+        d = cls()
+        replay = env.get("RETRAIN_ANALYSIS_REPLAY", "true").lower()
+        if replay not in ("true", "false"):
+            raise SettingsError(f"RETRAIN_ANALYSIS_REPLAY={replay!r} must be true or false")
+        return cls(
+            min_images=_count(env, "RETRAIN_ANALYSIS_MIN_IMAGES", d.min_images, minimum=1),
+            window_s=_number(env, "RETRAIN_ANALYSIS_WINDOW_S", d.window_s, inclusive=True),
+            replay=replay == "true",
+            max_error_rate=_fraction(env, "RETRAIN_ANALYSIS_MAX_ERROR_RATE", d.max_error_rate),
+            max_latency_ratio=_number(env, "RETRAIN_ANALYSIS_MAX_LATENCY_RATIO", d.max_latency_ratio, minimum=1,
+                                      inclusive=True),
+            latency_floor_ms=_number(env, "RETRAIN_ANALYSIS_LATENCY_FLOOR_MS", d.latency_floor_ms, inclusive=True),
+            max_bad_rate=_fraction(env, "RETRAIN_ANALYSIS_MAX_BAD_RATE", d.max_bad_rate),
+            min_label_agreement=_fraction(env, "RETRAIN_ANALYSIS_MIN_AGREEMENT", d.min_label_agreement),
+            prometheus_url=env.get("RETRAIN_PROMETHEUS_URL", d.prometheus_url).rstrip("/"),
+            poll_s=_number(env, "RETRAIN_ANALYSIS_POLL_S", d.poll_s),
+        )
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How a new version comes to serve: preview, analysis, switch, and the old version kept warm."""
+
+    preview_url: str  # where the deploy step reaches the preview (local mode: the serving URL + /preview)
+    preview_deployment: str = "embedder-serving-preview"  # Kubernetes: the preview's Deployment and Service
+    preview_replicas: int = 1  # Kubernetes: preview pods during the analysis (scaled to the active's before the switch)
+    warm_s: float = 30.0  # the old version stays warm this long after the switch (Argo's scaleDownDelaySeconds)
+    mirror_rate: float = 0.1  # local mode's serving process: share of answered requests mirrored to a preview
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], runner: str, serving_url: str, namespace: str) -> RolloutSettings:
+        d = cls(preview_url="")
+        preview = env.get("RETRAIN_SERVING_PREVIEW_DEPLOYMENT", d.preview_deployment)
+        default_url = (f"http://{preview}.{namespace}.svc.cluster.local" if runner == "kubernetes"
+                       else f"{serving_url}{PREVIEW_PREFIX}")
+        return cls(
+            preview_url=env.get("RETRAIN_SERVING_PREVIEW_URL", default_url).rstrip("/"),
+            preview_deployment=preview,
+            preview_replicas=_count(env, "RETRAIN_PREVIEW_REPLICAS", d.preview_replicas, minimum=1),
+            warm_s=_number(env, "RETRAIN_SCALE_DOWN_DELAY_S", d.warm_s, inclusive=True),
+            mirror_rate=_fraction(env, "RETRAIN_MIRROR_RATE", d.mirror_rate),
+            analysis=AnalysisSettings.from_env(env),
+        )
+
+
+@dataclass(frozen=True)
 class Settings:
     runner: str
     home: Path
@@ -161,6 +232,7 @@ class Settings:
     train_procs: int | str = 1  # local mode: train's processes on this machine (torchrun); "auto": one per GPU
     drift: DriftSettings = field(default_factory=DriftSettings)
     pods: PodSettings = field(default_factory=PodSettings)
+    rollout: RolloutSettings = field(default_factory=lambda: RolloutSettings(preview_url=""))
     # Each run Param's default in this deployment (RETRAIN_EPOCHS, ...): what runs without a conf use.
     param_defaults: dict[str, Any] = field(default_factory=lambda: {p.name: p.default for p in params.ALL})
 
@@ -172,6 +244,8 @@ class Settings:
         if runner not in RUNNERS:
             raise SettingsError(f"RETRAIN_RUNNER={runner!r} is not a runner; set it to one of {', '.join(RUNNERS)}")
         tracking_uri = env.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+        serving_url = env.get("RETRAIN_SERVING_URL", "http://127.0.0.1:8080").rstrip("/")
+        pods = PodSettings.from_env(env)
         try:
             defaults = {p.name: p.from_env(env) for p in params.ALL}
         except params.ParamError as exc:
@@ -184,7 +258,7 @@ class Settings:
             storage_uri=env.get("RETRAIN_STORAGE_URI", (home / "storage").as_uri()),
             experiment=env.get("RETRAIN_EXPERIMENT", "image-embedder"),
             model_name=env.get("RETRAIN_MODEL_NAME", "image-embedder"),
-            serving_url=env.get("RETRAIN_SERVING_URL", "http://127.0.0.1:8080").rstrip("/"),
+            serving_url=serving_url,
             serving_state_uri=env.get("RETRAIN_SERVING_STATE_URI", (home / "serving" / "desired.json").as_uri()),
             airflow_url=env.get("RETRAIN_AIRFLOW_URL", "http://127.0.0.1:8081").rstrip("/"),
             # What a browser opens for MLflow links; the tracking URI may be an in-cluster address.
@@ -204,7 +278,8 @@ class Settings:
             preemption_delay_s=_number(env, "RETRAIN_PREEMPTION_DELAY_S", 30.0, inclusive=True),
             train_procs=_train_procs(env),
             drift=DriftSettings.from_env(env, home, defaults),
-            pods=PodSettings.from_env(env),
+            pods=pods,
+            rollout=RolloutSettings.from_env(env, runner, serving_url, pods.namespace),
             param_defaults=defaults,
         )
 
@@ -252,6 +327,13 @@ def _number(env: Mapping[str, str], name: str, default: float, minimum: float = 
         raise SettingsError(f"{name}={raw!r} is not a number") from None
     if value < minimum or (value == minimum and not inclusive):
         raise SettingsError(f"{name}={raw!r} must be {'at least' if inclusive else 'more than'} {minimum:g}")
+    return value
+
+
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _number(env, name, default, inclusive=True)
+    if value > 1:
+        raise SettingsError(f"{name}={env[name]!r} must be from 0 to 1")
     return value
 
 

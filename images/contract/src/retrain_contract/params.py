@@ -175,6 +175,11 @@ MIN_IMPROVEMENT = ParamSpec("min_improvement", float, 0.0, "Minimum improvement"
                             "Recall@1 gain over the champion (same data) required to promote.",
                             env="RETRAIN_MIN_IMPROVEMENT", minimum=0, maximum=1)
 
+LIFT_VETO = ParamSpec("lift_veto", bool, False, "Lift an operator's veto",
+                      "An operator took a version out of service by hand (kubectl rollout undo, a switch back, an "
+                      "edit); the system keeps it out until a new champion is promoted. Set this to retrain with that "
+                      "version as the champion again: it serves after this run unless the challenger beats it.")
+
 TRAINING = (EPOCHS, LEARNING_RATE, BATCH_SIZE, IMAGE_SIZE, ARCHITECTURE, PRETRAINED_WEIGHTS)
 DRIFT = (DRIFT_ALPHA, DRIFT_WINDOWS, DRIFT_COOLDOWN_H, MAX_CHAMPION_AGE_DAYS)
-ALL = (FORCE_RETRAIN, *TRAINING, *DRIFT, MIN_IMPROVEMENT)  # the order of the Trigger form
+ALL = (FORCE_RETRAIN, *TRAINING, *DRIFT, MIN_IMPROVEMENT, LIFT_VETO)  # the order of the Trigger form

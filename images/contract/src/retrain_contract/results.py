@@ -52,6 +52,8 @@ class CheckDriftResult(Result):
     retrain: bool
     reason: str
     champion_version: str | None = None
+    serving_version: str | None = None  # what answers clients, read from serving itself
+    vetoed_version: str | None = None  # a version an operator took out of service, noticed by this run
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,9 @@ class DeployResult(Result):
     embed_latency_ms: float
     serving_run_id: str | None = None
     serving_experiment_id: str | None = None
+    analysis: dict[str, Any] | None = None  # the gates the preview passed (retrain.rollout.analysis.Verdict)
+    analysis_run_id: str | None = None
+    note: str = ""  # why serving did not change, when it did not
 
 
 @dataclass(frozen=True)

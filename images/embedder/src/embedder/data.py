@@ -29,13 +29,13 @@ from torch.utils.data import Dataset
 
 from embedder.images import DEFAULT_MAX_PIXELS, ImageRejected, decode, decode_rgb
 from embedder.stage import StageInputError
-from retrain_contract import storage
+from retrain_contract import manifests, storage
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 REQUIRED_SPLITS = ("train", "test")
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = manifests.FORMAT
 
 
 @dataclass(frozen=True)

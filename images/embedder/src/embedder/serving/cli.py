@@ -18,8 +18,10 @@ from embedder import images
 from embedder.model import cpu_budget
 from embedder.serving.app import DESCRIPTION, create_app
 from embedder.serving.inputs import MAX_UPLOAD_BYTES, Limits
+from embedder.serving.mirror import Mirror
 from embedder.serving.model import Desired, ModelHolder, configure_threads
 from embedder.serving.sampling import EmbeddingSampler
+from retrain_contract.serving import MIRROR_RATE_ENV, MIRROR_URL_ENV, MODEL_NAME_ENV, MODEL_VERSION_ENV
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m embedder.serving", description=DESCRIPTION.splitlines()[0])
     parser.add_argument("--state-uri", default=os.environ.get("SERVING_STATE_URI", ""),
                         help="desired-state record to follow (local mode)")
-    parser.add_argument("--model-name", default=os.environ.get("MODEL_NAME", ""), help="fixed model (Kubernetes mode)")
-    parser.add_argument("--model-version", default=os.environ.get("MODEL_VERSION", ""), help="fixed version (Kubernetes mode)")
+    parser.add_argument("--model-name", default=os.environ.get(MODEL_NAME_ENV, ""), help="fixed model (Kubernetes mode)")
+    parser.add_argument("--model-version", default=os.environ.get(MODEL_VERSION_ENV, ""),
+                        help="fixed version (Kubernetes mode); without one the server waits, not ready, saying why")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between reads of the record")
@@ -67,6 +70,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="pixels per image, checked before decoding (decompression bombs)")
     group.add_argument("--max-batch-images", type=int, default=Limits.max_batch_images, help="images per request")
     group.add_argument("--max-request-bytes", type=int, default=Limits.max_request_bytes, help="bytes per request body")
+    group = parser.add_argument_group("mirrored requests for a preview (see the module's description)")
+    _env_option(group, "--mirror-rate", MIRROR_RATE_ENV, float, "0.1",
+                "share of answered requests mirrored to the preview while there is one (0 to 1)")
+    group.add_argument("--mirror-url", default=os.environ.get(MIRROR_URL_ENV, ""),
+                       help="where a preview of another process takes mirrored requests (Kubernetes: the preview "
+                            "Service); local mode mirrors to the preview in this process")
     group = parser.add_argument_group("embedding sample for the drift monitor")
     group.add_argument("--sample-uri", default=os.environ.get("SAMPLE_URI", ""),
                        help="storage prefix for sampled embeddings (file:// or s3://); empty: no sampling")
@@ -82,8 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = get_args_parser().parse_args(argv)
-    if bool(args.model_name) != bool(args.model_version) or not (args.state_uri or args.model_name):
-        print("give either --state-uri, or both --model-name and --model-version", file=sys.stderr)
+    if args.state_uri and args.model_version:
+        print("give either --state-uri (local mode) or --model-name and --model-version (a pinned version), "
+              "not both", file=sys.stderr)
+        return 2
+    if not args.state_uri and not args.model_name:
+        print("give --state-uri (local mode), or --model-name with --model-version (Kubernetes: MODEL_NAME and "
+              "MODEL_VERSION, which the deploy step sets)", file=sys.stderr)
         return 2
     try:
         limits = Limits(args.max_image_bytes, args.max_pixels, args.max_batch_images, args.max_request_bytes)
@@ -92,12 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler = EmbeddingSampler(args.sample_uri, args.sample_rate, args.window_seconds, args.max_per_window) \
             if args.sample_uri else None
         threads = configure_threads(args.threads or cpu_budget())
-        fixed = Desired(args.model_name, args.model_version) if args.model_name else None
+        fixed = Desired(args.model_name, args.model_version) if args.model_version else None
         holder = ModelHolder(state_uri=args.state_uri or None, fixed=fixed,
                              warmup_batch=1 if args.no_micro_batching else args.max_batch)
+        mirror = Mirror(args.mirror_rate, args.mirror_url) if args.mirror_rate else None
         app = create_app(holder, args.poll_interval, sampler, limits=limits, micro_batching=not args.no_micro_batching,
                          max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000, max_queued=args.max_queued,
-                         workers=threads)
+                         workers=threads, mirror=mirror)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -190,3 +191,15 @@ def preprocess(items: list[tuple[str, bytes]], image_size: int, max_pixels: int)
             raise HTTPException(413 if "decompression bomb" in str(exc) else 400, f"{name}: {exc}") from None
         tensors.append(transform(image))
     return torch.stack(tensors)
+
+
+def encode_multipart(items: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+    """``items`` as a ``multipart/form-data`` body in the field ``files`` (what :func:`read_images` reads back),
+    and its content type: how a mirrored request carries the client's images to the preview."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, data in items:
+        safe = name.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{safe}"\r\n'
+                     f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
