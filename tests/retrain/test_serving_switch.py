@@ -18,7 +18,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import requests
 from mlflow import MlflowClient
@@ -32,29 +31,14 @@ from retrain.waiting import poll
 from retrain_contract.registry import CHAMPION, alias_version
 from retrain_contract.results import PromoteResult
 from retrain_contract.serving import Pin
+from tests.conftest import SERVING_MODEL
 from tests.helpers import free_port, wait_http
-from tests.support import models
 from tests.support.load import Load, interleavings, versions_in_order
 from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.e2e
-MODEL = "switch-embedder"
+MODEL = SERVING_MODEL
 CHAMPION_V, GOOD, COLLAPSED, ERRORING, SLOW = "1", "2", "3", "4", "5"
-
-
-@pytest.fixture(scope="module")
-def versions(mlflow_server, digits_root) -> dict[str, str]:
-    """The registered versions, each with a gallery of the digits' training images."""
-    mlflow.set_tracking_uri(mlflow_server)
-    client = MlflowClient(mlflow_server)
-    gallery = sorted((digits_root / "train").rglob("*.png"))
-    base = models.Tiny(0)
-    made = {name: models.register(client, MODEL, module, gallery) for name, module in (
-        ("champion", base), ("good", models.perturbed(base)), ("collapsed", models.Collapsed()),
-        ("erroring", models.BrightNaN(0)), ("slow", models.Slow(base)))}
-    mlflow.set_tracking_uri(None)
-    assert list(made.values()) == [CHAMPION_V, GOOD, COLLAPSED, ERRORING, SLOW]
-    return made
 
 
 class Stack:
@@ -130,7 +114,7 @@ def test_images(digits_root) -> list[Path]:
 
 
 @pytest.fixture
-def stack(tmp_path, mlflow_server, versions, test_images):
+def stack(tmp_path, mlflow_server, serving_models, clean_vetoes, test_images):
     running = Stack(tmp_path, mlflow_server, test_images)
     yield running
     running.stop()
@@ -255,7 +239,7 @@ def test_a_worker_killed_between_the_switch_and_its_record_is_finished_by_the_re
 
 
 def test_mlflow_down_while_a_rejection_restores_the_champion_is_finished_by_the_retry(
-        tmp_path, mlflow_server, versions, test_images, monkeypatch):
+        tmp_path, mlflow_server, serving_models, test_images, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the client's own retries would take minutes
     proxy = TcpProxy(mlflow_server).start()
     stack = Stack(tmp_path, mlflow_server, test_images, deploy_mlflow_url=proxy.url)

@@ -1,14 +1,16 @@
 """The API server's routes, over real HTTP, as the cncf-kubernetes provider, the deploy step and kubectl call them.
 
-- pods: list (label/field selectors), create, get, patch (merge), delete; ``pods/log`` and ``pods/exec``
-  are served by the kubelet (:mod:`.kubelet`, :mod:`.exec`);
-- events: list (``involvedObject.name`` field selector);
-- services: list, create, get, delete (headless ones give their pods DNS names, :mod:`.dns`);
-- jobs (``batch/v1``, Indexed): list, create, get, delete, run by the Job controller (:mod:`.jobs`);
-- pytorchjobs (``kubeflow.org/v1``): the same, run by the Training Operator (:mod:`.training`) once a test
-  installs it (before, the resource does not exist: 404);
-- deployments: list, get, patch (strategic merge and JSON merge), and for kubectl ``rollout status``
-  a watch stream (with streaming-list bookmarks, as kubectl 1.37 asks for) and discovery.
+Every resource of :data:`.objects.KINDS` has the REST verbs (list with label and field selectors, create,
+get, patch with the three patch types, update, delete), namespaced or cluster-scoped, and discovery, so
+``kubectl apply -k``, ``get``, ``rollout status|history|undo`` work against it. Some resources have more:
+
+- pods: created pods go to the kubelet (:mod:`.kubelet`), which serves ``pods/log`` and ``pods/exec`` (:mod:`.exec`);
+- jobs (``batch/v1``, Indexed) and pytorchjobs (``kubeflow.org/v1``, once a test installs the Training
+  Operator: before, the resource does not exist, 404) go to their controllers (:mod:`.jobs`, :mod:`.training`);
+- deployments, replicasets and horizontalpodautoscalers are run by :mod:`.workloads`; a change of a
+  Deployment's spec bumps its ``generation``; deployments can be watched (with streaming-list bookmarks, as
+  kubectl 1.37 asks for ``rollout status``);
+- services get a cluster IP and, once their name is used, a proxy to their ready endpoints (:mod:`.service`).
 
 Deleting an object deletes the objects it owns (``ownerReferences``) as the garbage collector does, unless
 the ``propagationPolicy`` is ``Orphan``, which a Job's deletion defaults to in ``batch/v1``.
@@ -28,33 +30,15 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from .controllers import DeploymentController
 from .exec import Exec
 from .jobs import JobController
 from .kubelet import Kubelet
-from .store import Store, merge, now, selector_matches, status_response, strategic_merge
+from .objects import BY_RESOURCE, KINDS, Kind, PatchError, discovery, json_patch, merge, strategic_merge
+from .store import Store, now, selector_matches, status_response
 from .training import TrainingOperator
 
 VERSION = {"major": "1", "minor": "37", "gitVersion": "v1.37.0"}
-_RESOURCE = {"namespaced": True, "verbs": ["get", "list", "watch", "create", "patch", "delete"]}
-DISCOVERY = {
-    "/api": {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []},
-    "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-        {"name": group, "versions": [{"groupVersion": f"{group}/v1", "version": "v1"}],
-         "preferredVersion": {"groupVersion": f"{group}/v1", "version": "v1"}} for group in ("apps", "batch")]},
-    "/api/v1": {"kind": "APIResourceList", "groupVersion": "v1", "resources": [
-        {"name": "pods", "singularName": "pod", "kind": "Pod", "shortNames": ["po"], **_RESOURCE},
-        {"name": "services", "singularName": "service", "kind": "Service", "shortNames": ["svc"], **_RESOURCE},
-        {"name": "events", "singularName": "event", "kind": "Event", "shortNames": ["ev"], **_RESOURCE}]},
-    "/apis/apps/v1": {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "apps/v1", "resources": [
-        {"name": "deployments", "singularName": "deployment", "kind": "Deployment", "shortNames": ["deploy"],
-         **_RESOURCE}]},
-    "/apis/batch/v1": {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "batch/v1", "resources": [
-        {"name": "jobs", "singularName": "job", "kind": "Job", "categories": ["all"], **_RESOURCE}]},
-}
-
-
-_KINDS = {"services": ("Service", "v1"), "jobs": ("Job", "batch/v1"), "pytorchjobs": ("PyTorchJob", "kubeflow.org/v1")}
+CRDS = {"pytorchjobs": "kubeflow.org", "rollouts": "argoproj.io", "analysisruns": "argoproj.io"}
 
 
 async def _propagation(request: web.Request, default: str) -> str:
@@ -66,78 +50,179 @@ async def _propagation(request: web.Request, default: str) -> str:
 
 
 def not_found(resource: str, name: str) -> web.Response:
-    return status_response(404, "NotFound", f'{resource} "{name}" not found')
+    group = BY_RESOURCE[resource].group if resource in BY_RESOURCE else ""
+    return status_response(404, "NotFound", f'{resource}{"." + group if group else ""} "{name}" not found')
 
 
 class ApiServer:
-    def __init__(self, store: Store, kubelet: Kubelet, controller: DeploymentController):
+    def __init__(self, store: Store, kubelet: Kubelet):
         self.store = store
         self.kubelet = kubelet
-        self.controller = controller
         self.exec = Exec(kubelet)
         self.jobs = JobController(store, self.add_pod, lambda ns, name: self.remove("pods", ns, name))
         self.training = TrainingOperator(store, self.add_pod, lambda ns, svc: self.add_object("services", ns, svc))
         self._controllers = {"jobs": self.jobs, "pytorchjobs": self.training}
+        self.installed: set[str] = set()  # CRDs a test installed (pytorchjobs, rollouts, analysisruns)
         self.created: list[dict] = []  # every pod as it was created
         self.faults: list[int] = []  # statuses to answer the worker's next requests with
+        self.fault_rules: list[tuple[str, str, int]] = []  # (method, path part, status): once, for the next such request
+        self.on_service: list = []  # called with (namespace, name) when a Service is created or changed
         self._cluster_ips = 0
 
     def app(self, middlewares: Iterable = ()) -> web.Application:
         app = web.Application(middlewares=[*middlewares, self.crds])
         app.router.add_get("/version", lambda r: web.json_response(VERSION))
-        for path, doc in DISCOVERY.items():
-            app.router.add_get(path, lambda r, doc=doc: web.json_response(doc))
-        pods = "/api/v1/namespaces/{ns}/pods"
-        app.router.add_get(pods, self.list_pods)
-        app.router.add_post(pods, self.create_pod)
-        app.router.add_get(pods + "/{name}", self.get_pod)
-        app.router.add_patch(pods + "/{name}", self.patch_pod)
-        app.router.add_delete(pods + "/{name}", self.delete_pod)
-        app.router.add_get(pods + "/{name}/log", self.kubelet.pod_log)
-        app.router.add_get(pods + "/{name}/exec", self.exec.pod_exec)
-        app.router.add_post(pods + "/{name}/exec", self.exec.pod_exec)
-        app.router.add_get("/api/v1/namespaces/{ns}/events", self.list_events)
-        for path, resource in (("/api/v1/namespaces/{ns}/services", "services"),
-                               ("/apis/batch/v1/namespaces/{ns}/jobs", "jobs"),
-                               ("/apis/kubeflow.org/v1/namespaces/{ns}/pytorchjobs", "pytorchjobs")):
-            app.router.add_get(path, lambda r, res=resource: self.list_objects(r, res))
-            app.router.add_post(path, lambda r, res=resource: self.create_object(r, res))
-            app.router.add_get(path + "/{name}", lambda r, res=resource: self.get_object(r, res))
-            app.router.add_delete(path + "/{name}", lambda r, res=resource: self.delete_object(r, res))
-        deployments = "/apis/apps/v1/namespaces/{ns}/deployments"
-        app.router.add_get(deployments, self.list_deployments)
-        app.router.add_get(deployments + "/{name}", self.get_deployment)
-        app.router.add_patch(deployments + "/{name}", self.patch_deployment)
+        app.router.add_get("/openapi/v2", lambda r: status_response(404, "NotFound", "the server could not find the "
+                                                                               "requested resource"))
+        app.router.add_get("/openapi/v3", lambda r: status_response(404, "NotFound", "the server could not find the "
+                                                                               "requested resource"))
+        for path in ("/api", "/apis", *{k.prefix for k in KINDS}):
+            app.router.add_get(path, lambda r, path=path: self._discovery(r, path))
+        pods = "/api/v1/namespaces/{ns}/pods/{name}"
+        app.router.add_get(pods + "/log", self.kubelet.pod_log)
+        app.router.add_get(pods + "/exec", self.exec.pod_exec)
+        app.router.add_post(pods + "/exec", self.exec.pod_exec)
+        for kind in KINDS:
+            base = f"{kind.prefix}/namespaces/{{ns}}/{kind.resource}" if kind.namespaced else \
+                f"{kind.prefix}/{kind.resource}"
+            app.router.add_get(base, lambda r, k=kind: self.list(r, k))
+            app.router.add_post(base, lambda r, k=kind: self.create(r, k))
+            for sub in ("", "/status"):
+                app.router.add_get(base + "/{name}" + sub, lambda r, k=kind: self.get(r, k))
+                app.router.add_patch(base + "/{name}" + sub, lambda r, k=kind: self.patch(r, k))
+                app.router.add_put(base + "/{name}" + sub, lambda r, k=kind: self.update(r, k))
+            app.router.add_delete(base + "/{name}", lambda r, k=kind: self.delete(r, k))
         return app
+
+    def _discovery(self, request: web.Request, path: str) -> web.Response:
+        doc = discovery(self.installed).get(path)
+        return web.json_response(doc) if doc else status_response(404, "NotFound", "the server could not find the "
+                                                                                    "requested resource")
 
     @web.middleware
     async def inject_faults(self, request: web.Request, handler):
         """Answer the next requests with the statuses of :attr:`faults` (never ``/version``)."""
         if self.faults and request.path != "/version":
             return status_response(self.faults.pop(0), "ServiceUnavailable", "injected fault")
+        for rule in self.fault_rules:
+            method, part, status = rule
+            if request.method == method and part in request.path:
+                self.fault_rules.remove(rule)
+                return status_response(status, "ServiceUnavailable", "injected fault")
         return await handler(request)
 
-    def _list(self, kind: str, api_version: str, items: list[dict]) -> web.Response:
-        return web.json_response({"kind": kind, "apiVersion": api_version,
-                                  "metadata": {"resourceVersion": str(self.store.resource_version)}, "items": items})
+    @web.middleware
+    async def crds(self, request: web.Request, handler):
+        """A CRD's resource exists only once a test installed it: 404 before, as an API server answers."""
+        for resource, group in CRDS.items():
+            if f"/{group}/" in request.path and resource not in self.installed:
+                return status_response(404, "NotFound", "the server could not find the requested resource")
+        return await handler(request)
 
-    # ---- pods ------------------------------------------------------------------------------------
-    async def list_pods(self, request: web.Request) -> web.Response:
-        items = [o for o in self.store.items("pods", request.match_info["ns"], request.query.get("fieldSelector"))
+    # ---- the verbs ---------------------------------------------------------------------------------
+    def _ns(self, request: web.Request, kind: Kind) -> str:
+        return request.match_info.get("ns", "") if kind.namespaced else ""
+
+    def _obj(self, request: web.Request, kind: Kind) -> dict | None:
+        return self.store.objects.get((kind.resource, self._ns(request, kind), request.match_info["name"]))
+
+    async def list(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        ns = self._ns(request, kind)
+        if request.query.get("watch") in ("true", "1"):
+            return await self._watch(request, kind, ns)
+        items = [o for o in self.store.items(kind.resource, ns, request.query.get("fieldSelector"))
                  if selector_matches(o["metadata"].get("labels", {}), request.query.get("labelSelector"))]
-        return self._list("PodList", "v1", items)
+        return web.json_response({"kind": f"{kind.kind}List", "apiVersion": kind.api_version,
+                                  "metadata": {"resourceVersion": str(self.store.resource_version)},
+                                  "items": [{"kind": kind.kind, "apiVersion": kind.api_version, **o} for o in items]})
 
-    async def create_pod(self, request: web.Request) -> web.Response:
-        ns = request.match_info["ns"]
-        pod = await request.json()
-        name = pod["metadata"]["name"]
-        if ("pods", ns, name) in self.store.objects:
-            return status_response(409, "AlreadyExists", f'pods "{name}" already exists')
-        return web.json_response(self.add_pod(ns, pod), status=201)
+    async def get(self, request: web.Request, kind: Kind) -> web.Response:
+        obj = self._obj(request, kind)
+        if obj is None:
+            return not_found(kind.resource, request.match_info["name"])
+        return web.json_response({"kind": kind.kind, "apiVersion": kind.api_version, **obj})
 
+    async def create(self, request: web.Request, kind: Kind) -> web.Response:
+        ns = self._ns(request, kind)
+        obj = await request.json()
+        name = obj["metadata"]["name"]
+        if (kind.resource, ns, name) in self.store.objects:
+            return status_response(409, "AlreadyExists", f'{kind.resource} "{name}" already exists')
+        controller = self._controllers.get(kind.resource)
+        refusal = controller.admit(ns, obj) if controller else None
+        if refusal:
+            return status_response(422, "Invalid", f'{kind.kind}.{kind.group or "core"} "{name}" is invalid: {refusal}')
+        if request.query.get("dryRun"):
+            return web.json_response(obj, status=201)
+        if kind.resource == "pods":
+            return web.json_response(self.add_pod(ns, obj), status=201)
+        return web.json_response(self.add_object(kind.resource, ns, obj), status=201)
+
+    async def patch(self, request: web.Request, kind: Kind) -> web.Response:
+        obj = self._obj(request, kind)
+        if obj is None:
+            return not_found(kind.resource, request.match_info["name"])
+        before = copy.deepcopy(obj)
+        body = await request.json()
+        patch_type = request.content_type
+        try:
+            if patch_type == "application/strategic-merge-patch+json":
+                strategic_merge(obj, body)
+            elif patch_type == "application/merge-patch+json":
+                merge(obj, body)  # RFC 7386: lists are replaced, as a real API server does
+            elif patch_type == "application/json-patch+json":
+                json_patch(obj, body)
+            else:
+                return status_response(415, "UnsupportedMediaType", f"patch type {patch_type} is not supported")
+        except PatchError as exc:
+            obj.clear()
+            obj.update(before)
+            return status_response(422, "Invalid", str(exc))
+        self._changed(kind, obj, before)
+        return web.json_response({"kind": kind.kind, "apiVersion": kind.api_version, **self.store.bump(obj)})
+
+    async def update(self, request: web.Request, kind: Kind) -> web.Response:
+        obj = self._obj(request, kind)
+        if obj is None:
+            return not_found(kind.resource, request.match_info["name"])
+        before = copy.deepcopy(obj)
+        body = await request.json()
+        keep = {k: before["metadata"][k] for k in ("uid", "creationTimestamp", "generation", "namespace")
+                if k in before["metadata"]}
+        obj.clear()
+        obj.update(body)
+        obj["metadata"].update(keep)
+        if request.path.endswith("/status"):
+            obj["spec"] = before.get("spec")
+        else:
+            obj["status"] = before.get("status", {})
+        self._changed(kind, obj, before)
+        return web.json_response(self.store.bump(obj))
+
+    def _changed(self, kind: Kind, obj: dict, before: dict) -> None:
+        if obj.get("spec") != before.get("spec") and kind.resource in ("deployments", "replicasets", "rollouts"):
+            obj["metadata"]["generation"] = before["metadata"].get("generation", 1) + 1
+        if kind.resource == "services":
+            for callback in self.on_service:
+                callback(obj["metadata"]["namespace"], obj["metadata"]["name"])
+
+    async def delete(self, request: web.Request, kind: Kind) -> web.Response:
+        ns, name = self._ns(request, kind), request.match_info["name"]
+        # batch/v1 Jobs orphan their pods unless told otherwise (kubectl asks for Background).
+        policy = await _propagation(request, "Orphan" if kind.resource == "jobs" else "Background")
+        obj = self.remove(kind.resource, ns, name, policy)
+        if obj is None:
+            return not_found(kind.resource, name)
+        if kind.resource == "pods":
+            return web.json_response(obj)
+        return web.json_response({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                                  "details": {"name": name, "kind": kind.resource, "uid": obj["metadata"]["uid"]}})
+
+    # ---- what controllers call ---------------------------------------------------------------------
     def add_pod(self, ns: str, pod: dict) -> dict:
         """Store a new pod and hand it to the kubelet (for a client's request, or a controller's)."""
         name = pod["metadata"]["name"]
+        pod.update(kind="Pod", apiVersion="v1")
         pod["metadata"].update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
         pod["status"] = {"phase": "Pending", "qosClass": "Burstable"}
         self.store.objects[("pods", ns, name)] = self.store.bump(pod)
@@ -145,28 +230,30 @@ class ApiServer:
         self.kubelet.start(ns, name)
         return pod
 
-    def _pod(self, request: web.Request) -> dict | None:
-        return self.store.objects.get(("pods", request.match_info["ns"], request.match_info["name"]))
-
-    async def get_pod(self, request: web.Request) -> web.Response:
-        pod = self._pod(request)
-        if pod is None:
-            return not_found("pods", request.match_info["name"])
-        return web.json_response(pod)
-
-    async def patch_pod(self, request: web.Request) -> web.Response:
-        pod = self._pod(request)
-        if pod is None:
-            return not_found("pods", request.match_info["name"])
-        merge(pod, await request.json())
-        return web.json_response(self.store.bump(pod))
-
-    async def delete_pod(self, request: web.Request) -> web.Response:
-        ns, name = request.match_info["ns"], request.match_info["name"]
-        pod = self.remove("pods", ns, name, await _propagation(request, "Background"))
-        if pod is None:
-            return not_found("pods", name)
-        return web.json_response(pod)
+    def add_object(self, resource: str, ns: str, obj: dict) -> dict:
+        """Store a new object (for a client's request, or a controller's) and hand it to its controller."""
+        kind = BY_RESOURCE[resource]
+        obj.update(kind=kind.kind, apiVersion=kind.api_version)
+        obj["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
+        if kind.namespaced:
+            obj["metadata"]["namespace"] = ns
+        if resource == "services":
+            spec = obj.setdefault("spec", {})
+            spec.setdefault("type", "ClusterIP")
+            if "clusterIP" not in spec:
+                self._cluster_ips += 1
+                spec["clusterIP"] = f"10.96.{self._cluster_ips // 256}.{self._cluster_ips % 256}"
+            obj["status"] = {"loadBalancer": {}}
+        elif resource in ("deployments", "replicasets", "horizontalpodautoscalers", "rollouts"):
+            obj.setdefault("status", {})
+        self.store.objects[(resource, ns, obj["metadata"]["name"])] = obj
+        if controller := self._controllers.get(resource):
+            controller.created(ns, obj)
+        self.store.bump(obj)
+        if resource == "services":
+            for callback in self.on_service:
+                callback(ns, obj["metadata"]["name"])
+        return obj
 
     def remove(self, resource: str, ns: str, name: str, propagation: str = "Background") -> dict | None:
         """Delete an object, and what it owns as the garbage collector would (``Orphan``: they lose the owner)."""
@@ -188,135 +275,41 @@ class ApiServer:
         self.store.changes.advance()  # whoever waits on the store (a controller, a watch) sees it gone
         return obj
 
-    async def list_events(self, request: web.Request) -> web.Response:
-        items = self.store.items("events", request.match_info["ns"], request.query.get("fieldSelector"))
-        return web.json_response({"kind": "EventList", "apiVersion": "v1", "metadata": {}, "items": items})
-
-    # ---- services, jobs, pytorchjobs ---------------------------------------------------------------
-    @web.middleware
-    async def crds(self, request: web.Request, handler):
-        """Without the Training Operator's CRD, ``pytorchjobs`` is not a resource: 404, as an API server answers."""
-        if "/kubeflow.org/" in request.path and not self.training.installed:
-            return status_response(404, "NotFound", "the server could not find the requested resource")
-        return await handler(request)
-
-    async def list_objects(self, request: web.Request, resource: str) -> web.Response:
-        items = [o for o in self.store.items(resource, request.match_info["ns"], request.query.get("fieldSelector"))
-                 if selector_matches(o["metadata"].get("labels", {}), request.query.get("labelSelector"))]
-        kind, version = _KINDS[resource]
-        return self._list(f"{kind}List", version, items)
-
-    async def create_object(self, request: web.Request, resource: str) -> web.Response:
-        ns = request.match_info["ns"]
-        obj = await request.json()
-        name = obj["metadata"]["name"]
-        kind, version = _KINDS[resource]
-        if (resource, ns, name) in self.store.objects:
-            return status_response(409, "AlreadyExists", f'{resource} "{name}" already exists')
-        controller = self._controllers.get(resource)
-        refusal = controller.admit(ns, obj) if controller else None
-        if refusal:
-            return status_response(422, "Invalid", f'{kind}.{version.split("/")[0]} "{name}" is invalid: {refusal}')
-        return web.json_response(self.add_object(resource, ns, obj), status=201)
-
-    def add_object(self, resource: str, ns: str, obj: dict) -> dict:
-        """Store a new Service, Job or PyTorchJob (for a client's request, or a controller's) and hand it to its controller."""
-        kind, version = _KINDS[resource]
-        obj.update(kind=kind, apiVersion=version)
-        obj["metadata"].update(namespace=ns, uid=str(uuid.uuid4()), creationTimestamp=now(), generation=1)
-        if resource == "services":
-            spec = obj.setdefault("spec", {})
-            spec.setdefault("type", "ClusterIP")
-            if "clusterIP" not in spec:
-                self._cluster_ips += 1
-                spec["clusterIP"] = f"10.96.{self._cluster_ips // 256}.{self._cluster_ips % 256}"
-            obj["status"] = {"loadBalancer": {}}
-        self.store.objects[(resource, ns, obj["metadata"]["name"])] = obj
-        if controller := self._controllers.get(resource):
-            controller.created(ns, obj)
-        self.store.bump(obj)
-        return obj
-
-    async def get_object(self, request: web.Request, resource: str) -> web.Response:
-        obj = self.store.objects.get((resource, request.match_info["ns"], request.match_info["name"]))
-        if obj is None:
-            return not_found(resource, request.match_info["name"])
-        return web.json_response(obj)
-
-    async def delete_object(self, request: web.Request, resource: str) -> web.Response:
-        ns, name = request.match_info["ns"], request.match_info["name"]
-        # batch/v1 Jobs orphan their pods unless told otherwise (kubectl asks for Background).
-        obj = self.remove(resource, ns, name, await _propagation(request, "Orphan" if resource == "jobs" else "Background"))
-        if obj is None:
-            return not_found(resource, name)
-        return web.json_response({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                                  "details": {"name": name, "kind": resource, "uid": obj["metadata"]["uid"]}})
-
-    # ---- deployments -----------------------------------------------------------------------------
-    async def list_deployments(self, request: web.Request) -> web.StreamResponse:
-        ns = request.match_info["ns"]
-        if request.query.get("watch") in ("true", "1"):
-            return await self._watch_deployments(request, ns)
-        return self._list("DeploymentList", "apps/v1", self.store.items("deployments", ns, request.query.get("fieldSelector")))
-
-    async def get_deployment(self, request: web.Request) -> web.Response:
-        obj = self.store.objects.get(("deployments", request.match_info["ns"], request.match_info["name"]))
-        if obj is None:
-            return not_found("deployments.apps", request.match_info["name"])
-        return web.json_response(obj)
-
-    async def patch_deployment(self, request: web.Request) -> web.Response:
-        ns, name = request.match_info["ns"], request.match_info["name"]
-        obj = self.store.objects.get(("deployments", ns, name))
-        if obj is None:
-            return not_found("deployments.apps", name)
-        before = copy.deepcopy(obj["spec"])
-        body = await request.json()
-        kind = request.content_type
-        if kind == "application/strategic-merge-patch+json":
-            strategic_merge(obj, body)
-        elif kind == "application/merge-patch+json":
-            merge(obj, body)  # RFC 7386: lists are replaced, as a real API server does
-        else:
-            return status_response(400, "BadRequest", f"patch type {kind} is not supported by this emulator")
-        if obj["spec"] != before:
-            obj["metadata"]["generation"] += 1
-            self.controller.spec_changed(ns, name, obj, before)
-        return web.json_response(self.store.bump(obj))
-
-    async def _watch_deployments(self, request: web.Request, ns: str) -> web.StreamResponse:
+    # ---- watch -------------------------------------------------------------------------------------
+    async def _watch(self, request: web.Request, kind: Kind, ns: str) -> web.StreamResponse:
         """A watch stream (one JSON event per line), as kubectl's ``rollout status`` consumes it.
 
         It ends at ``timeoutSeconds``, when the emulator stops, or when the watcher goes away: then the
         server cancels this handler (the runner's ``handler_cancellation``), or a write fails.
         """
         try:
-            return await self._stream_deployments(request, ns)
+            return await self._stream(request, kind, ns)
         except ConnectionResetError:  # the watcher went away (kubectl exits as soon as it has its answer)
             return web.Response()
 
-    async def _stream_deployments(self, request: web.Request, ns: str) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, kind: Kind, ns: str) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
 
-        async def send(kind: str, obj: dict) -> None:
-            await resp.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+        async def send(event: str, obj: dict) -> None:
+            body = {"kind": kind.kind, "apiVersion": kind.api_version, **obj}
+            await resp.write(json.dumps({"type": event, "object": body}).encode() + b"\n")
 
         selector = request.query.get("fieldSelector")
         sent = int(request.query.get("resourceVersion") or 0)
         if request.query.get("sendInitialEvents") == "true":  # a streaming list: ADDED for each, then a bookmark
             sent = self.store.resource_version
-            for obj in self.store.items("deployments", ns, selector):
+            for obj in self.store.items(kind.resource, ns, selector):
                 await send("ADDED", obj)
-            await send("BOOKMARK", {"kind": "Deployment", "apiVersion": "apps/v1", "metadata": {
-                "resourceVersion": str(sent), "annotations": {"k8s.io/initial-events-end": "true"}}})
+            await send("BOOKMARK", {"metadata": {"resourceVersion": str(sent),
+                                                 "annotations": {"k8s.io/initial-events-end": "true"}}})
         timeout = float(request.query.get("timeoutSeconds") or 300)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 while not self.store.stopping:
                     latest = self.store.resource_version
-                    for obj in self.store.items("deployments", ns, selector):
+                    for obj in self.store.items(kind.resource, ns, selector):
                         if int(obj["metadata"]["resourceVersion"]) > sent:
                             await send("MODIFIED", obj)
                     sent = latest

@@ -1,7 +1,7 @@
 """The emulator as tests use it: the roles put together, served on an event loop of their own.
 
-Three ports: the API server for the worker (behind the Role, every call recorded, faults injected), the
-same API server for an operator's kubectl (may watch, nothing recorded), and the serving Service.
+Two ports for the API server: the worker's (behind the Role, every call recorded, faults injected) and an
+operator's kubectl's (may watch, nothing recorded); and a port per Service port (:mod:`.service`).
 Everything the roles hold is touched only on the emulator's loop; calls from a test's thread that read or
 change it are run there.
 """
@@ -20,11 +20,12 @@ from typing import Any
 from aiohttp import web
 
 from .api_server import ApiServer
-from .controllers import DeploymentController
 from .kubelet import Kubelet
+from .objects import KINDS
 from .rbac import Rbac
-from .service import ServingService
+from .service import Services
 from .store import Store
+from .workloads import Workloads
 
 
 class _Delegate:
@@ -42,11 +43,10 @@ class _Delegate:
 
 class KubeEmulator:
     gpus = _Delegate("kubelet", "gpus")  # nvidia.com/gpu the node has: a pod asking for more stays Pending
-    controller_delay = _Delegate("controller", "delay")  # seconds between the Deployment controller's steps
-    pod_ready = _Delegate("controller", "pod_ready")  # pod_ready(template): do its new pods become ready?
-    revisions = _Delegate("controller", "revisions")  # (namespace, name) -> pod templates, one per revision
-    serving = _Delegate("service", "serving")  # (namespace, name) -> the template whose pods answer the Service
-    service_behaviour = _Delegate("service", "behaviour")  # behaviour(template) -> {"dim", "status", "delay_s"}
+    controller_delay = _Delegate("workloads", "tick")  # seconds between the controllers' passes when nothing changes
+    pod_ready = _Delegate("kubelet", "pod_ready")  # pod_ready(pod): does a simulated container's pod become ready?
+    hpa_replicas = _Delegate("workloads", "hpa_replicas")  # the replicas an HPA's metrics ask for (None: its minimum)
+    service_behaviour = _Delegate("services", "behaviour")  # behaviour(pod) -> {"dim", "status", "delay_s"}
     created = _Delegate("api", "created")  # every pod as it was created
     requests = _Delegate("rbac", "requests")  # (verb, resource) of the worker's calls
     denied = _Delegate("rbac", "denied")  # the worker's calls the Role refused
@@ -55,13 +55,13 @@ class KubeEmulator:
         self.workdir = workdir
         self.store = Store()
         self.kubelet = Kubelet(self.store, workdir, dict(os.environ if env is None else env))
-        self.service = ServingService(self.store)
-        self.controller = DeploymentController(self.store, self.service.serve)
-        self.api = ApiServer(self.store, self.kubelet, self.controller)
+        self.api = ApiServer(self.store, self.kubelet)
+        self.workloads = Workloads(self.store, self.api.add_pod, lambda ns, name: self.api.remove("pods", ns, name))
+        self.services = Services(self.store, self.kubelet.dns, self.kubelet)
+        self.api.on_service.append(self.services.changed)
         self.rbac = Rbac()
         self.url = ""  # the worker's API server
         self.operator_url = ""
-        self._service_url = ""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runners: list[web.AppRunner] = []
 
@@ -91,7 +91,11 @@ class KubeEmulator:
             return
 
         async def stop() -> None:
-            self.store.stop()  # watch streams end
+            self.store.stop()  # watch streams end, the controllers stop
+            for (ns, name), container in list(self.kubelet.containers.items()):
+                if container.exit_code is None:
+                    self.kubelet.kill(ns, name)
+            await self.services.close()
             for runner in self._runners:
                 await runner.cleanup()
 
@@ -101,7 +105,7 @@ class KubeEmulator:
     async def _serve(self) -> None:
         self.url = await self._listen(self.api.app(middlewares=[self.rbac.middleware, self.api.inject_faults]))
         self.operator_url = await self._listen(self.api.app())
-        self._service_url = await self._listen(self.service.app())
+        self.store.spawn(self.workloads.run())
 
     async def _listen(self, app: web.Application) -> str:
         # handler_cancellation: a handler that streams (a watch, a followed log) is cancelled when its client goes.
@@ -133,9 +137,14 @@ class KubeEmulator:
         }))
         return path
 
-    def service_url(self, namespace: str, name: str) -> str:
-        """Where the Service in front of the Deployment ``name`` answers."""
-        return f"{self._service_url}/{namespace}/{name}"
+    def service_url(self, namespace: str, name: str, port: int = 80) -> str:
+        """Where the Service ``name`` answers (its proxy to its ready endpoints), once it exists."""
+        async def listening() -> None:
+            await self.services.ready(namespace, name, port)
+
+        assert self._loop is not None, "start() the emulator first"
+        asyncio.run_coroutine_threadsafe(listening(), self._loop).result(30)
+        return f"http://127.0.0.1:{self.services.local_port(namespace, name, port)}"
 
     # ---- test controls ---------------------------------------------------------------------------
     def add_secret(self, namespace: str, name: str, data: dict[str, str]) -> None:
@@ -145,25 +154,51 @@ class KubeEmulator:
         """Answer the worker's next ``count`` API requests with ``status``."""
         self.api.faults.extend([status] * count)
 
+    def fail_next_request(self, method: str, path_part: str, status: int = 503) -> None:
+        """Answer the worker's next ``method`` request whose path contains ``path_part`` with ``status``."""
+        self.api.fault_rules.append((method, path_part, status))
+
     @property
     def faults_pending(self) -> int:
         return len(self.api.faults)
 
-    def add_deployment(self, deployment: dict, ready: Callable[[dict], bool] | None = None) -> None:
-        """Create a Deployment already rolled out; ``ready(pod_template)`` says if its new pods become ready."""
-        self._in_loop(self.controller.add, deployment, ready)
+    def apply(self, docs: list[dict], namespace: str = "retrain") -> None:
+        """Create the objects of rendered manifests (as a first ``kubectl apply`` does, without kubectl)."""
+        def create() -> None:
+            for doc in docs:
+                doc = copy.deepcopy(doc)
+                ns = doc["metadata"].pop("namespace", namespace)
+                resource = next(k.resource for k in KINDS if k.kind == doc["kind"])
+                if (resource, ns if resource != "namespaces" else "", doc["metadata"]["name"]) not in self.store.objects:
+                    self.api.add_object(resource, ns if resource != "namespaces" else "", doc)
+
+        self._in_loop(create)
 
     def install_training_operator(self) -> None:
         """The Kubeflow Training Operator and its CRDs: ``pytorchjobs`` becomes a resource (:mod:`.training`)."""
+        self.api.installed.add("pytorchjobs")
         self.api.training.installed = True
 
     def preempt(self, namespace: str, name: str, reason: str = "TerminationByKubelet") -> None:
         """What a node's shutdown does to a running pod: the ``DisruptionTarget`` condition, then SIGTERM."""
         self._in_loop(self.kubelet.preempt, namespace, name, reason)
 
+    def wait(self, check: Callable[[KubeEmulator], bool], timeout_s: float = 120, what: str = "the cluster") -> None:
+        """Until ``check(self)`` is true (it runs on the test's thread; reads go through the emulator's loop)."""
+        from retrain.waiting import poll
+
+        poll(lambda: check(self), timeout_s=timeout_s, interval_s=0.05, what=what)
+
     # ---- what a test reads -----------------------------------------------------------------------
     def deployment(self, namespace: str, name: str) -> dict:
         return self._in_loop(lambda: copy.deepcopy(self.store.objects[("deployments", namespace, name)]))
+
+    def get(self, resource: str, name: str, namespace: str = "retrain") -> dict | None:
+        return self._in_loop(lambda: copy.deepcopy(self.store.objects.get((resource, namespace, name))))
+
+    def endpoints(self, namespace: str, name: str) -> list[str]:
+        """The pods a Service sends requests to now."""
+        return self._in_loop(lambda: [p["metadata"]["name"] for p in self.services.endpoints(namespace, name)])
 
     def pods(self, namespace: str = "retrain") -> list[dict]:
         return self._in_loop(lambda: copy.deepcopy(self.store.items("pods", namespace)))

@@ -1,34 +1,48 @@
 """The fake kubelet: runs each pod's base container as a local subprocess and reports it as a kubelet does.
 
 It "schedules" each new pod (a pod that asks for more ``nvidia.com/gpu`` than the node has stays Pending
-with a ``FailedScheduling`` event), then runs the base container's command: ``python`` is this
-interpreter, ``envFrom`` Secrets come from :attr:`Kubelet.secrets`, ``valueFrom.fieldRef`` reads the pod
-(``metadata.annotations['...']``, ``metadata.name``, ...), ``$HOSTNAME`` is the pod's hostname, names of
-Services resolve to loopback (:mod:`.dns`), and ``/airflow/xcom`` is a folder per pod. A container is every
-process started in it (each carries the pod's uid in ``$EMULATED_POD_UID``, as a cgroup would hold them,
-whatever sessions they start: torchrun starts each rank in one of its own), and it ends as a container
-does: SIGKILL to all of them when the pod is deleted, and to what is left when its main process exits.
-The pod goes Pending → Running → Succeeded/Failed with container statuses as a real kubelet reports
-them. It serves ``pods/log`` (the API server proxies it) and can be made to preempt a pod.
+with a ``FailedScheduling`` event), then runs the base container: its ``command`` and ``args``, or the
+image's entrypoint (read from the project's Dockerfile for the image, :data:`IMAGES`) and ``args``;
+``python`` is this interpreter. A container whose image it cannot run (a made-up image in a test) is
+**simulated**: it runs without a process, and :attr:`Kubelet.pod_ready` says whether it becomes ready.
+
+Environment: ``envFrom`` Secrets (:attr:`Kubelet.secrets`) and ConfigMaps (from the API), ``valueFrom.fieldRef``
+(``metadata.annotations['...']``, ``metadata.name``, ...), ``$HOSTNAME`` the pod's hostname; names of
+Services resolve to loopback (:mod:`.dns`); ``/airflow/xcom`` is a folder per pod. Every pod shares this
+machine's network, so each container port gets a loopback port of its own, passed to an image's entrypoint as
+``--host 127.0.0.1 --port <port>`` (the serving image's flags; :meth:`Kubelet.port` says which). Readiness
+probes (``httpGet``) run every :attr:`Kubelet.probe_period` seconds and set the pod's ``Ready`` condition.
+
+A container is every process started in it (each carries the pod's uid in ``$EMULATED_POD_UID``, as a
+cgroup would hold them, whatever sessions they start: torchrun starts each rank in one of its own), and it
+ends as a container does: SIGKILL to all of them when the pod is deleted, and to what is left when its main
+process exits. The pod goes Pending → Running → Succeeded/Failed with container statuses as a real kubelet
+reports them. It serves ``pods/log`` (the API server proxies it) and can be made to preempt a pod.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
-from .dns import Dns
+from .dns import Dns, _free_port
 from .store import Changes, Store, condition, now, status_response
 
+REPO = Path(__file__).resolve().parents[3]
+# Images the kubelet can run without a command: repository name -> (Dockerfile, target) with the entrypoint.
+IMAGES = {"embedder-server": ("images/embedder/Dockerfile", "server"),
+          "embedder-trainer": ("images/embedder/Dockerfile", "trainer")}
 XCOM_PATH = "/airflow/xcom"
 SIDECAR = "airflow-xcom-sidecar"
 NODE = "emulated-node"
@@ -47,6 +61,22 @@ class Container:
     changes: Changes = field(default_factory=Changes)  # a line was logged, or the container ended
 
 
+def entrypoint(image: str) -> list[str] | None:
+    """The ENTRYPOINT of ``image`` (by repository name, tag or digest aside), from its target in the project's Dockerfile."""
+    repository = image.split("@")[0].rsplit("/", 1)[-1].split(":")[0]
+    if repository not in IMAGES:
+        return None
+    dockerfile, target = IMAGES[repository]
+    stage = None
+    for line in (REPO / dockerfile).read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["FROM"]:
+            stage = words[-1] if len(words) >= 4 and words[-2].upper() == "AS" else None
+        elif words[:1] == ["ENTRYPOINT"] and stage == target:
+            return json.loads(line.split(None, 1)[1])
+    return None
+
+
 class Kubelet:
     def __init__(self, store: Store, workdir: Path, env: dict[str, str], dns: Dns | None = None):
         self.store = store
@@ -56,6 +86,16 @@ class Kubelet:
         self.gpus = 0  # nvidia.com/gpu the node has
         self.secrets: dict[tuple[str, str], dict[str, str]] = {}
         self.containers: dict[tuple[str, str], Container] = {}
+        self.ports: dict[tuple[str, str, int], int] = {}  # (namespace, pod, container port) -> loopback port
+        self.probe_period = 0.2
+        self.pod_ready: Callable[[dict], bool] = lambda pod: True  # a simulated container: does its pod get ready?
+
+    def port(self, ns: str, name: str, container_port: int) -> int:
+        """The loopback port where the pod's ``container_port`` listens."""
+        key = (ns, name, container_port)
+        if key not in self.ports:
+            self.ports[key] = _free_port()
+        return self.ports[key]
 
     def xcom_dir(self, ns: str, name: str) -> Path:
         """The pod's ``/airflow/xcom``, shared by its base container and the XCom sidecar."""
@@ -134,6 +174,13 @@ class Kubelet:
         env = dict(self.env)
         env["HOSTNAME"] = pod["spec"].get("hostname") or pod["metadata"]["name"]
         for source in spec.get("envFrom", []):
+            if "configMapRef" in source:
+                ref = source["configMapRef"]
+                found = self.store.objects.get(("configmaps", ns, ref.get("name", "")))
+                if found is None and not ref.get("optional"):
+                    raise LookupError(f'configmap "{ref.get("name")}" not found')
+                env.update((found or {}).get("data") or {})
+                continue
             ref = source.get("secretRef") or {}
             data = self.secrets.get((ns, ref.get("name", "")))
             if data is None and not ref.get("optional"):
@@ -185,16 +232,27 @@ class Kubelet:
         xcom.mkdir(parents=True, exist_ok=True)
         env["EMBEDDER_RESULT_PATH"] = str(xcom / "return.json")
         env[MARKER] = container.uid
-        cmd = [self.dns.rewrite(ns, arg) for arg in [*(base.get("command") or []), *(base.get("args") or [])]]
+        program = base.get("command") or entrypoint(base.get("image", ""))
+        ports = [p["containerPort"] for p in base.get("ports", [])]
+        extra = ["--host", POD_IP, "--port", str(self.port(ns, name, ports[0]))] if ports and not base.get("command") \
+            else []
+        cmd = [self.dns.rewrite(ns, arg) for arg in [*(program or []), *(base.get("args") or []), *extra]]
         if cmd and cmd[0] == "python":
             cmd[0] = sys.executable
         started = now()
+        probed = "readinessProbe" in base
         pod["status"].update(phase="Running", startTime=started, podIP=POD_IP, podIPs=[{"ip": POD_IP}], containerStatuses=[
-            {"name": c["name"], "ready": True, "started": True, "restartCount": 0, "image": c["image"],
+            {"name": c["name"], "ready": not probed, "started": True, "restartCount": 0, "image": c["image"],
              "imageID": "", "state": {"running": {"startedAt": started}}} for c in spec])
+        pod["status"]["conditions"].append({"type": "Ready", "status": "False" if probed else "True"})
         self.store.bump(pod)
+        if program is None:  # an image this kubelet cannot run: the container is simulated
+            self.store.spawn(self._simulate(ns, name, pod))
+            return
         proc = container.proc = await asyncio.create_subprocess_exec(
             *cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=self.workdir)
+        if probed:
+            self.store.spawn(self._probe(ns, name, pod, base, container))
 
         async def read() -> None:
             assert proc.stdout is not None
@@ -214,6 +272,43 @@ class Kubelet:
                     "exitCode": code, "reason": "Completed" if code == 0 else "Error",
                     "startedAt": started, "finishedAt": now()}})
         self._settle(pod)
+
+
+    def _set_ready(self, pod: dict, ready: bool) -> None:
+        cond = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")
+        if (cond["status"] == "True") != ready:
+            cond["status"] = "True" if ready else "False"
+            for st in pod["status"].get("containerStatuses", []):
+                if "running" in st["state"]:
+                    st["ready"] = ready
+            self.store.bump(pod)
+
+    async def _simulate(self, ns: str, name: str, pod: dict) -> None:
+        """A container without a process: ready (or never) as :attr:`pod_ready` says, until the pod is deleted."""
+        await asyncio.sleep(self.probe_period)
+        if ("pods", ns, name) in self.store.objects:
+            self._set_ready(pod, bool(self.pod_ready(pod)))
+
+    async def _probe(self, ns: str, name: str, pod: dict, base: dict, container: Container) -> None:
+        """The readiness probe (``httpGet`` on a container port) while the container runs."""
+        import aiohttp
+
+        probe = base["readinessProbe"].get("httpGet") or {}
+        port = probe.get("port")
+        named = {p.get("name"): p["containerPort"] for p in base.get("ports", [])}
+        target = self.port(ns, name, named.get(port, port) if isinstance(port, str) else int(port))
+        url = f"http://{POD_IP}:{target}{probe.get('path', '/')}"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while container.exit_code is None and ("pods", ns, name) in self.store.objects:
+                try:
+                    async with session.get(url) as resp:
+                        ready = resp.status == 200
+                except (aiohttp.ClientError, TimeoutError):
+                    ready = False
+                if container.exit_code is None:
+                    self._set_ready(pod, ready)
+                await asyncio.sleep(self.probe_period)
+        self._set_ready(pod, False)
 
 
 def _kill_container(uid: str) -> None:

@@ -3,7 +3,8 @@ the app built from them, and uvicorn, which on SIGTERM stops accepting connectio
 requests in flight (``--shutdown-timeout``) and then runs the app's shutdown.
 
 Exit status 2 for a bad invocation: a malformed environment default (the message names the
-variable), neither ``--state-uri`` nor ``--model-name``/``--model-version``, or a limit out of range.
+variable), both ``--state-uri`` and a pinned version, a version without a model name, or a limit out of
+range. With no version pinned at all (a fresh install), the server starts and stays not ready, saying why.
 """
 
 from __future__ import annotations
@@ -95,10 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("give either --state-uri (local mode) or --model-name and --model-version (a pinned version), "
               "not both", file=sys.stderr)
         return 2
-    if not args.state_uri and not args.model_name:
-        print("give --state-uri (local mode), or --model-name with --model-version (Kubernetes: MODEL_NAME and "
-              "MODEL_VERSION, which the deploy step sets)", file=sys.stderr)
+    if bool(args.model_version) != bool(args.model_name) and args.model_version:
+        print("--model-version needs --model-name (Kubernetes: MODEL_NAME and MODEL_VERSION, which the deploy step "
+              "sets together)", file=sys.stderr)
         return 2
+    if not args.state_uri and not args.model_version:
+        log.warning("no model version pinned (neither --state-uri nor MODEL_NAME/MODEL_VERSION): serving nothing, "
+                    "not ready, until the deploy step pins one")
     try:
         limits = Limits(args.max_image_bytes, args.max_pixels, args.max_batch_images, args.max_request_bytes)
         if min(limits.max_image_bytes, limits.max_pixels, limits.max_batch_images, limits.max_request_bytes) < 1:
