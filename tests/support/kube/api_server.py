@@ -65,7 +65,7 @@ class ApiServer:
         self.installed: set[str] = set()  # CRDs a test installed (pytorchjobs, rollouts, analysisruns)
         self.created: list[dict] = []  # every pod as it was created
         self.faults: list[int] = []  # statuses to answer the worker's next requests with
-        self.fault_rules: list[tuple[str, str, int]] = []  # (method, path part, status): once, for the next such request
+        self.fault_rules: list[list] = []  # [method, path part, status, times]: for the next such requests
         self.on_service: list = []  # called with (namespace, name) when a Service is created or changed
         self._cluster_ips = 0
 
@@ -105,9 +105,11 @@ class ApiServer:
         if self.faults and request.path != "/version":
             return status_response(self.faults.pop(0), "ServiceUnavailable", "injected fault")
         for rule in self.fault_rules:
-            method, part, status = rule
+            method, part, status, _ = rule
             if request.method == method and part in request.path:
-                self.fault_rules.remove(rule)
+                rule[3] -= 1
+                if rule[3] <= 0:
+                    self.fault_rules.remove(rule)
                 return status_response(status, "ServiceUnavailable", "injected fault")
         return await handler(request)
 

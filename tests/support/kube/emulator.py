@@ -154,9 +154,9 @@ class KubeEmulator:
         """Answer the worker's next ``count`` API requests with ``status``."""
         self.api.faults.extend([status] * count)
 
-    def fail_next_request(self, method: str, path_part: str, status: int = 503) -> None:
-        """Answer the worker's next ``method`` request whose path contains ``path_part`` with ``status``."""
-        self.api.fault_rules.append((method, path_part, status))
+    def fail_next_request(self, method: str, path_part: str, status: int = 503, times: int = 1) -> None:
+        """Answer the worker's next ``times`` ``method`` requests whose path contains ``path_part`` with ``status``."""
+        self.api.fault_rules.append([method, path_part, status, times])
 
     @property
     def faults_pending(self) -> int:

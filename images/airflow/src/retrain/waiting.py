@@ -35,11 +35,14 @@ def poll(check: Callable[[], T | bool | None], *, timeout_s: float, interval_s: 
         time.sleep(interval_s)
 
 
-def retry(action: Callable[[], T], *, attempts: int, what: str, max_wait_s: float = 10.0) -> T:
-    """``action()``, tried up to ``attempts`` times, waiting 2, 4, 8 ... (at most ``max_wait_s``) seconds between."""
+def retry(action: Callable[[], T], *, attempts: int, what: str, max_wait_s: float = 10.0, min_wait_s: float = 2.0,
+          when: Callable[[BaseException], bool] | None = None) -> T:
+    """``action()``, tried up to ``attempts`` times, waiting 2, 4, 8 ... (at most ``max_wait_s``) seconds between;
+    with ``when``, only the errors it accepts are retried (any other is raised at once)."""
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(attempts),
-        wait=tenacity.wait_exponential(multiplier=1, min=2, max=max_wait_s),
+        wait=tenacity.wait_exponential(multiplier=1, min=min_wait_s, max=max_wait_s),
+        retry=tenacity.retry_if_exception(when) if when else tenacity.retry_if_exception_type(),
         reraise=True,
         before_sleep=lambda state: log.warning("%s failed (attempt %d of %d): %s", what, state.attempt_number,
                                                attempts, state.outcome.exception()),

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 from retrain.rollout.targets import Mark, RolloutFailed, ServingState, _answered_by
 from retrain.settings import Settings
-from retrain.waiting import poll
+from retrain.waiting import poll, retry
 from retrain_contract.serving import (
     MIRROR_RATE_ENV,
     MODEL_NAME_ENV,
@@ -44,6 +45,8 @@ SERVING = "retrain.embedder/serving"  # on the serving Service: the change-cause
 WARM_UNTIL = "retrain.embedder/warm-until"  # on the serving Service, after a switch: when the old version goes
 VERSION_LABEL = "retrain/model-version"
 SMP = "application/strategic-merge-patch+json"
+TRANSIENT = {429, 500, 502, 503, 504}  # API errors that a retry may not meet again
+API_ATTEMPTS = 3
 
 
 def rollout_status(d: dict[str, Any], name: str) -> tuple[bool, str]:
@@ -90,22 +93,30 @@ class KubernetesServing:
             self._apps, self._core = AppsV1Api(api_client), CoreV1Api(api_client)
         return self._apps, self._core
 
-    # -- reading and patching, as plain JSON -------------------------------------------------------------
+    # -- reading and patching, as plain JSON; a transient API error is retried (every patch is idempotent) -----
+    def _api(self, what: str, call: Callable[[], Any]) -> Any:
+        return retry(call, attempts=API_ATTEMPTS, what=what, min_wait_s=0.5, max_wait_s=4,
+                     when=lambda exc: getattr(exc, "status", None) in TRANSIENT)
+
     def _deployment(self, name: str) -> dict[str, Any]:
         apps, _ = self._clients()
-        return json.loads(apps.read_namespaced_deployment(name, self.namespace, _preload_content=False).data)
+        return json.loads(self._api(f"get deployment {name}", lambda: apps.read_namespaced_deployment(
+            name, self.namespace, _preload_content=False)).data)
 
     def _service(self) -> dict[str, Any]:
         _, core = self._clients()
-        return json.loads(core.read_namespaced_service(self.name, self.namespace, _preload_content=False).data)
+        return json.loads(self._api(f"get service {self.name}", lambda: core.read_namespaced_service(
+            self.name, self.namespace, _preload_content=False)).data)
 
     def _patch_deployment(self, name: str, body: dict[str, Any]) -> None:
         apps, _ = self._clients()
-        apps.patch_namespaced_deployment(name, self.namespace, body, _content_type=SMP)
+        self._api(f"patch deployment {name}", lambda: apps.patch_namespaced_deployment(
+            name, self.namespace, body, _content_type=SMP))
 
     def _patch_service(self, body: dict[str, Any]) -> None:
         _, core = self._clients()
-        core.patch_namespaced_service(self.name, self.namespace, body, _content_type=SMP)
+        self._api(f"patch service {self.name}", lambda: core.patch_namespaced_service(
+            self.name, self.namespace, body, _content_type=SMP))
 
     def _pin(self, d: dict[str, Any]) -> Pin | None:
         container = next(c for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == self.container)

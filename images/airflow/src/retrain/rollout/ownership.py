@@ -118,7 +118,13 @@ def reconcile(settings: Settings, client: MlflowClient, target: ServingTarget, r
     notes: list[str] = []
     noticed = None
     mark = state.mark
-    if mark is not None and not (mark.recorded and mark.alerted) and mark.version == state.version:
+    if state.active is not None and state.active.model_name != name:
+        # Serving runs another registered model (the deployment's model name changed): nothing of this model's
+        # registry to reconcile with it; this model's first promotion replaces it.
+        note = f"{state.active} serves, not a version of {name}: {name}'s first champion will replace it"
+        log.info("%s", note)
+        return Ownership(state, None, alias_version(client, name, CHAMPION), (note,), None)
+    if mark is not None and not (mark.recorded and mark.alerted) and mark.pin == state.active:
         mark = finish(client, settings, target, mark, state)  # the system's own act, as it left it
     elif mark is not None and not mark.recorded and mark.action == SWITCHED:
         mark = finish(client, settings, target, mark, state)  # it served before the hand that changed it
@@ -129,7 +135,7 @@ def reconcile(settings: Settings, client: MlflowClient, target: ServingTarget, r
                         f"(revision {state.revision}) with no record of who put it there; taken as it is")
             target.set_mark(mark)
             log.info("%s", mark.reason)
-        elif mark.version != serving:
+        elif mark.pin != state.active:
             noticed = mark.version
             reason = (f"{name} version {noticed}, which the system put into service (run {mark.run_id}), was taken "
                       f"out of service by hand: version {serving} serves (revision {state.revision}: "
