@@ -23,26 +23,44 @@ def test_overlay_builds_and_validates(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
-def test_serving_is_pinned_to_a_version_and_restricted(overlay):
+def test_serving_is_restricted_and_owned_by_the_deploy_step(overlay):
+    """Neither the version that serves, nor the replicas, nor the serving Service's track are in the manifests
+    (the deploy step and the HPA own them), so re-applying them never changes what serves."""
     docs = kustomize(overlay)
     namespace = next(d for d in docs if d["kind"] == "Namespace")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
-    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    pod = deployment["spec"]["template"]["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    for container in pod["containers"]:
-        env = {e["name"]: e.get("value") for e in container["env"]}
-        assert env["MODEL_VERSION"].isdigit()  # a version, never an alias
-        assert container["securityContext"]["allowPrivilegeEscalation"] is False
-        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    deployments = {d["metadata"]["name"]: d for d in by_kind(docs, "Deployment")}
+    assert set(deployments) == {"embedder-serving", "embedder-serving-preview"}
+    for deployment in deployments.values():
+        assert "replicas" not in deployment["spec"]  # the HPA (stable) and the deploy step (preview) own them
+        assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        for container in pod["containers"]:
+            assert not {e["name"] for e in container.get("env", [])} & {"MODEL_NAME", "MODEL_VERSION"}
+            assert "args" not in container  # the server reads MODEL_NAME/MODEL_VERSION from its environment
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    stable, preview = deployments["embedder-serving"], deployments["embedder-serving-preview"]
+    track = "retrain/track"
+    assert stable["spec"]["template"]["metadata"]["labels"][track] == "stable"
+    assert preview["spec"]["template"]["metadata"]["labels"][track] == "preview"
+    # One template (one home): the two differ only in their track.
+    untracked = [{**d["spec"]["template"], "metadata": {"labels": {k: v for k, v in d["spec"]["template"]["metadata"][
+        "labels"].items() if k != track}}} for d in (stable, preview)]
+    assert untracked[0] == untracked[1]
+    services = {d["metadata"]["name"]: d for d in by_kind(docs, "Service")}
+    assert services["embedder-serving"]["spec"]["selector"] == {"app.kubernetes.io/name": "embedder-serving"}
+    assert services["embedder-serving-preview"]["spec"]["selector"][track] == "preview"
+    hpa = next(iter(by_kind(docs, "HorizontalPodAutoscaler")))
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "embedder-serving"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_serving_shutdown_fits_the_grace_period(overlay):
     docs = kustomize(overlay)
-    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]  # (both: one template)
     config = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("serving-config"))
     (container,) = pod["containers"]
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]

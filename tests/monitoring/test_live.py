@@ -18,8 +18,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from localdev import monitoring
-from retrain.rollout.deployments import LocalDeployment, wait_for_rollout
+from retrain.rollout import wait_for
+from retrain.rollout.targets import SWITCHED, LocalServing, Mark
 from retrain.waiting import poll
+from retrain_contract.serving import Pin
 from tests.monitoring.conftest import MODEL
 from tests.support.prometheus import render_fast
 
@@ -47,20 +49,24 @@ def test_not_ready_and_embedding_norm_alerts_fire_and_resolve(mlflow_versions, s
     url = start_serving("--state-uri", state.as_uri())
     target = url.removeprefix("http://")
     prometheus = start_prometheus(target, render_fast(monitoring.RULES.read_text()))
-    deployment = LocalDeployment(state.as_uri(), url)
+    serving = LocalServing(state.as_uri(), url, f"{url}/preview")
+
+    def serve(version: str, cause: str) -> None:  # what the deploy step's switch writes, then waits for
+        pin = Pin(MODEL, version)
+        serving.switch(pin, cause, Mark(MODEL, version, "test", SWITCHED, 0.0), warm_s=0)
+        wait_for(serving.active_status, pin, timeout_s=120, poll_s=0.3, what="serving")
 
     # No version pinned yet: the replica is not ready, and the alert about it fires.
     readyz = requests.get(f"{url}/readyz", timeout=5)
-    assert readyz.status_code == 503 and readyz.json()["reason"] == "no model version pinned yet"
+    assert readyz.status_code == 503 and readyz.json()["reason"] == "no model version pinned yet: nothing has been deployed"
     (alert,) = poll(lambda: prometheus.firing("EmbedderNotReady") or None, timeout_s=60, interval_s=0.3,
                     what="EmbedderNotReady firing")
     assert alert["labels"]["instance"] == target and alert["labels"]["severity"] == "critical"
     assert alert["annotations"]["summary"] == f"Serving replica {target} has no model loaded"
     assert not prometheus.alerts("EmbedderEmbeddingNormOff")
 
-    # The deploy path rolls out the version whose export lost its normalisation: ready, so that alert resolves.
-    deployment.apply(MODEL, mlflow_versions.unnormalised, "the unnormalised version")
-    wait_for_rollout(deployment, mlflow_versions.unnormalised, timeout_s=120, poll_s=0.3)
+    # The version whose export lost its normalisation serves: ready, so that alert resolves.
+    serve(mlflow_versions.unnormalised, "the unnormalised version")
     poll(lambda: not prometheus.alerts("EmbedderNotReady"), timeout_s=60, interval_s=0.3,
          what="EmbedderNotReady resolving")
     assert abs(norm(embed(url)) - 1) > 0.01  # what this version serves is off the unit sphere
@@ -79,9 +85,8 @@ def test_not_ready_and_embedding_norm_alerts_fire_and_resolve(mlflow_versions, s
     assert float(alert["value"]) == 1.0 and alert["labels"]["job"] == "embedder-serving"
     assert alert["annotations"]["summary"] == "100% of served embeddings are not unit vectors"
 
-    # A healthy version rolls out; traffic goes on, and the norm alert resolves.
-    deployment.apply(MODEL, mlflow_versions.healthy, "the healthy version")
-    wait_for_rollout(deployment, mlflow_versions.healthy, timeout_s=120, poll_s=0.3)
+    # A healthy version serves; traffic goes on, and the norm alert resolves.
+    serve(mlflow_versions.healthy, "the healthy version")
     assert abs(norm(embed(url)) - 1) < 1e-4
     poll(norm_alert_under_traffic("resolved"), timeout_s=90, interval_s=0.2, what="EmbedderEmbeddingNormOff resolving")
     assert not prometheus.alerts("EmbedderNotReady")

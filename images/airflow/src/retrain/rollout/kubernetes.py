@@ -59,7 +59,8 @@ def rollout_status(d: dict[str, Any], name: str) -> tuple[bool, str]:
             raise RolloutFailed(f'deployment "{name}" exceeded its progress deadline')
     want, updated = d["spec"].get("replicas", 1), st.get("updatedReplicas") or 0
     if updated < want:
-        return False, f'Waiting for deployment "{name}" rollout to finish: {updated} out of {want} new replicas have been updated...'
+        return False, (f'Waiting for deployment "{name}" rollout to finish: {updated} out of {want} new replicas have been '
+                       "updated...")
     if (st.get("replicas") or 0) > updated:
         return False, (f'Waiting for deployment "{name}" rollout to finish: {st["replicas"] - updated} old replicas are '
                        "pending termination...")

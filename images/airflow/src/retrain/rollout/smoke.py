@@ -11,7 +11,7 @@ from typing import Any
 
 import requests
 
-from retrain.rollout.deployments import RolloutFailed
+from retrain.rollout.targets import RolloutFailed
 
 log = logging.getLogger(__name__)
 
