@@ -29,6 +29,9 @@ CHROMIUM = "/usr/bin/chromium"
 # A deployment scaled to tests: what runs without a conf (the form's defaults, drift-started runs) train.
 SMALL_RUNS = {"RETRAIN_EPOCHS": "1", "RETRAIN_IMAGE_SIZE": "32", "RETRAIN_ARCHITECTURE": "resnet18",
               "RETRAIN_BATCH_SIZE": "32"}
+# No client traffic while these stacks deploy: the analysis replays held-out images after 3 s, and the old version
+# stays warm 2 s after a switch.
+QUIET_DEPLOYS = {"RETRAIN_ANALYSIS_WINDOW_S": "3", "RETRAIN_SCALE_DOWN_DELAY_S": "2"}
 
 
 class RunningStack:

@@ -19,7 +19,7 @@ import pytest
 from mlflow import MlflowClient
 
 from retrain.waiting import poll
-from tests.e2e.conftest import SMALL_RUNS, started_stack
+from tests.e2e.conftest import QUIET_DEPLOYS, SMALL_RUNS, started_stack
 
 pytestmark = pytest.mark.e2e
 RETRAIN = "retrain_embedder"
@@ -27,7 +27,7 @@ RETRAIN = "retrain_embedder"
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory, digits_root):
-    env = {**SMALL_RUNS, "RETRAIN_SCHEDULE": "* * * * *", "RETRAIN_MONITOR_SCHEDULE": "0 0 1 1 *",
+    env = {**SMALL_RUNS, **QUIET_DEPLOYS, "RETRAIN_SCHEDULE": "* * * * *", "RETRAIN_MONITOR_SCHEDULE": "0 0 1 1 *",
            "RETRAIN_EPOCHS": "24", "RETRAIN_IMAGE_SIZE": "64", "RETRAIN_CHECKPOINT_EVERY_STEPS": "0",
            "RETRAIN_TRAIN_PROCS": "2",
            "RETRAIN_DATA_URI": digits_root.as_uri()}

@@ -27,7 +27,7 @@ from retrain import rollout
 from retrain_contract import artifacts
 from retrain_contract.registry import alias_version
 from retrain_contract.results import PromoteResult
-from tests.e2e.conftest import REPO, SMALL_RUNS, airflow_page, started_stack
+from tests.e2e.conftest import QUIET_DEPLOYS, REPO, SMALL_RUNS, airflow_page, started_stack
 
 pytestmark = pytest.mark.e2e
 RETRAIN, MONITOR = "retrain_embedder", "monitor_drift"
@@ -39,7 +39,7 @@ NEVER = "0 0 1 1 *"  # the schedules stay out of the way: these tests start ever
 def running(tmp_path_factory, digits_root):
     home = tmp_path_factory.mktemp("user-paths")
     shutil.copytree(digits_root, home / "data")  # the default data root, $RETRAIN_HOME/data: tests change it
-    env = {**SMALL_RUNS, "RETRAIN_EPOCHS": "2", "RETRAIN_SCHEDULE": NEVER, "RETRAIN_MONITOR_SCHEDULE": NEVER,
+    env = {**SMALL_RUNS, **QUIET_DEPLOYS, "RETRAIN_EPOCHS": "2", "RETRAIN_SCHEDULE": NEVER, "RETRAIN_MONITOR_SCHEDULE": NEVER,
            "RETRAIN_DRIFT_WINDOW_S": "60", "RETRAIN_DRIFT_WINDOWS": "2", "RETRAIN_DRIFT_MIN_SAMPLES": "40",
            "RETRAIN_DRIFT_PERMUTATIONS": "300", "RETRAIN_DRIFT_COOLDOWN_H": "0", "RETRAIN_TASK_RETRIES": "1",
            "RETRAIN_RETRY_DELAY_S": "1", "RETRAIN_DEPLOY_TIMEOUT_S": "120",
@@ -82,7 +82,7 @@ def test_a_run_triggered_through_the_rest_api_trains_promotes_and_serves(running
     promotion = running.api.xcom(RETRAIN, run["dag_run_id"], "promote")
     assert (promotion["version"], promotion["promoted"]) == ("1", True)
     assert run["note"] == "Retrained (there is no champion model yet). Promoted: version 1: no champion yet: " \
-                          "the first model is promoted"
+                          "the first model is promoted Serving: version 1 (switched)."
 
     meta = requests.get(f"{running.settings.serving_url}/metadata", timeout=10).json()
     assert (meta["model_version"], meta["ready"]) == ("1", True)
@@ -312,21 +312,27 @@ def test_an_mlflow_outage_trains_nothing_retries_the_decision_and_alerts_once(ru
     assert [(a["kind"], a["fields"]["task_id"]) for a in alerts(running)[alerts_before:]] == [("task_failed", "check_drift")]
 
 
-def test_a_rollout_that_never_becomes_ready_rolls_back_and_alerts_once(running):
+def test_a_version_that_never_gets_ready_is_rejected_at_its_preview_and_alerts_once(running):
     import dataclasses
+
+    from tests.support.models import register_unloadable
 
     settings = dataclasses.replace(running.settings, deploy_timeout_s=6)
     client = MlflowClient(settings.tracking_uri)
     serving = alias_version(client, MODEL, "champion")
+    broken = register_unloadable(client, MODEL, running.settings.home)
+    client.set_registered_model_alias(MODEL, "champion", broken)  # as promote would
     alerts_before = len(alerts(running))
-    promotion = PromoteResult(model_name=MODEL, version="99", champion="99", promoted=True, previous_champion=serving,
-                              reason="a version that never serves", recall_at_1=0.5, dataset_version="d").to_json()
-    with pytest.raises(rollout.RolloutFailed, match=f"did not serve model version 99 within 6s.*Rolled back to model "
-                                                    f"version {serving}"):
+    promotion = PromoteResult(model_name=MODEL, version=broken, champion=broken, promoted=True,
+                              previous_champion=serving, reason="a version that never serves", recall_at_1=0.5,
+                              dataset_version="d").to_json()
+    with pytest.raises(rollout.RolloutFailed, match=f"the preview of {MODEL} version {broken} failed: the preview did "
+                                                    f"not serve {MODEL} version {broken} within 6s") as failed:
         rollout.roll_out_champion(settings, promotion, "manual__bad", client=client)
+    assert failed.value.gate == "preview"
     record = json.loads(Path(settings.serving_state_uri.removeprefix("file://")).read_text())
-    assert record["model_version"] == serving and record["change_cause"].startswith("rollback to revision")
+    assert (record["model_version"], record["preview"]) == (serving, None)  # clients never saw it; preview dropped
     assert alias_version(client, MODEL, "champion") == serving
-    assert [a["kind"] for a in alerts(running)[alerts_before:]] == ["rollback"]
+    assert [a["kind"] for a in alerts(running)[alerts_before:]] == ["analysis"]
     meta = requests.get(f"{settings.serving_url}/metadata", timeout=10).json()
     assert (meta["model_version"], meta["ready"]) == (serving, True)

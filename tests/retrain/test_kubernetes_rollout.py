@@ -37,6 +37,7 @@ from tests.conftest import SERVING_MODEL
 from tests.helpers import KUBECTL
 from tests.support.kube import KubeEmulator
 from tests.support.load import Load, interleavings, versions_in_order
+from tests.support.models import register_unloadable
 
 pytestmark = pytest.mark.e2e
 MODEL = SERVING_MODEL
@@ -105,17 +106,6 @@ class Cluster:
     def serving_runs(self, outcome: str) -> list:
         exp = self.client.get_experiment_by_name(serving_experiment(self.settings))
         return [] if exp is None else self.client.search_runs([exp.experiment_id], f"tags.`serving.outcome` = '{outcome}'")
-
-
-def register_unloadable(client: MlflowClient, home: Path) -> str:
-    """A registered version whose artifact is not a model: every pod that pins it fails to load it, never ready."""
-    experiment = client.get_experiment_by_name(MODEL) or client.get_experiment(client.create_experiment(MODEL))
-    run = client.create_run(experiment.experiment_id)
-    (home / "broken").mkdir()
-    (home / "broken" / "README").write_text("not a model")
-    client.log_artifacts(run.info.run_id, str(home / "broken"), "broken")
-    client.set_terminated(run.info.run_id)
-    return str(client.create_model_version(MODEL, source=f"{run.info.artifact_uri}/broken", run_id=run.info.run_id).version)
 
 
 def answers(url: str) -> int | None:
@@ -248,7 +238,7 @@ def test_the_api_server_failing_the_switch_is_retried_without_a_second_rollout(c
 def test_a_preview_that_never_gets_ready_is_rejected_and_nothing_changes_for_clients(cluster):
     cluster.deploy("1", "r1")
     cluster.settings = Settings.from_env({**cluster.env, "RETRAIN_DEPLOY_TIMEOUT_S": "20"})
-    broken = register_unloadable(cluster.client, cluster.home)
+    broken = register_unloadable(cluster.client, MODEL, cluster.home)
     started = time.monotonic()
     with pytest.raises(RolloutFailed, match=f"the preview of {MODEL} version {broken} failed") as failed:
         cluster.deploy(broken, "r2", previous="1")

@@ -76,6 +76,10 @@ def test_a_run_note_says_why_a_run_skipped_or_what_it_trained():
         "Retrained (drift confirmed for champion version 2). Promoted: version 3: "
         "challenger recall_at_1 0.93 beats champion 0.78")
     assert run_notes.note_for(trained, None, "failed").endswith("The run failed before promotion.")
+    vetoed = {"model_version": "1", "changed": False, "note": "version 2 is not put into service: vetoed"}
+    assert run_notes.note_for(trained, promotion, "success", vetoed).endswith(
+        "Serving: version 1 (unchanged). version 2 is not put into service: vetoed")
+    assert run_notes.note_for(trained, promotion, "failed").endswith("Serving did not change (the deploy task says why).")
     assert run_notes.note_for(None, None, "failed") is None
     assert len(run_notes.note_for({"retrain": False, "reason": "x" * 5000}, None, "success")) == run_notes.MAX_NOTE
 

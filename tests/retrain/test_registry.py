@@ -113,6 +113,20 @@ def test_retried_promote_reuses_the_version(mlflow_sqlite):
     assert len(MlflowClient().search_model_versions("name = 'm'")) == 1
 
 
+def test_a_retry_after_promote_moved_the_champion_finishes_with_the_same_result(mlflow_sqlite):
+    """The task's first attempt moved @champion and was lost before it returned: the retry (same inputs) succeeds
+    with the same decision instead of refusing "another run moved it", so deploy runs."""
+    first = logged_model()
+    promote(first, evaluation(first, 0.8, None))
+    second = logged_model()
+    scored = evaluation(second, 0.9, ("1", 0.8))
+    done = promote(second, scored)
+    again = promote(second, scored)  # @champion is now 2, but 2 is this training run's version
+    assert again == done and (again["version"], again["promoted"], again["previous_champion"]) == ("2", True, "1")
+    assert again["champion_recall_at_1"] == 0.8
+    assert alias_version(MlflowClient(), "m", "champion") == "2"
+
+
 def test_champion_moved_since_evaluation_is_refused(mlflow_sqlite):
     first = logged_model()
     promote(first, evaluation(first, 0.8, None))

@@ -125,3 +125,14 @@ def register(client: MlflowClient, name: str, module: nn.Module, gallery_files: 
                 gallery_mod.log(client, run.info.run_id, found)
     mv = mlflow.register_model(info.model_uri, name, tags={"dataset_version": dataset_version})
     return str(mv.version)
+
+
+def register_unloadable(client: MlflowClient, name: str, home: Path) -> str:
+    """A registered version whose artifact is not a model: every pod that pins it fails to load it, never ready."""
+    experiment = client.get_experiment_by_name(name) or client.get_experiment(client.create_experiment(name))
+    run = client.create_run(experiment.experiment_id)
+    (home / "broken").mkdir(exist_ok=True)
+    (home / "broken" / "README").write_text("not a model")
+    client.log_artifacts(run.info.run_id, str(home / "broken"), "broken")
+    client.set_terminated(run.info.run_id)
+    return str(client.create_model_version(name, source=f"{run.info.artifact_uri}/broken", run_id=run.info.run_id).version)

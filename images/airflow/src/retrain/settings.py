@@ -151,7 +151,7 @@ class AnalysisSettings:
     max_latency_ratio: float = 2.0  # preview p95 / active p95 on the same requests ...
     latency_floor_ms: float = 100.0  # ... failing only when the preview's p95 is also above this
     max_bad_rate: float = 0.0  # embeddings that are not unit vectors, per image
-    min_label_agreement: float = 0.5  # images whose neighbour votes agree (each version in its own gallery)
+    min_label_kappa: float = 0.2  # the neighbour votes' agreement beyond chance (Cohen's kappa; each in its gallery)
     prometheus_url: str = ""
     poll_s: float = 1.0
 
@@ -170,7 +170,7 @@ class AnalysisSettings:
                                       inclusive=True),
             latency_floor_ms=_number(env, "RETRAIN_ANALYSIS_LATENCY_FLOOR_MS", d.latency_floor_ms, inclusive=True),
             max_bad_rate=_fraction(env, "RETRAIN_ANALYSIS_MAX_BAD_RATE", d.max_bad_rate),
-            min_label_agreement=_fraction(env, "RETRAIN_ANALYSIS_MIN_AGREEMENT", d.min_label_agreement),
+            min_label_kappa=_fraction(env, "RETRAIN_ANALYSIS_MIN_KAPPA", d.min_label_kappa),
             prometheus_url=env.get("RETRAIN_PROMETHEUS_URL", d.prometheus_url).rstrip("/"),
             poll_s=_number(env, "RETRAIN_ANALYSIS_POLL_S", d.poll_s),
         )

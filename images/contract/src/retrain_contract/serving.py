@@ -82,7 +82,8 @@ MIRROR_IMAGES = "embedder_mirror_images"  # counter: images compared
 MIRROR_LATENCY = "embedder_mirror_latency_seconds"  # histogram per request; side: preview | source
 MIRROR_BAD = "embedder_mirror_bad_embeddings"  # counter; reason: dim | norm | nonfinite
 MIRROR_VOTES = "embedder_mirror_label_votes"  # counter per image both versions voted on; agree: true | false
-MIRROR_METRICS = (MIRROR_REQUESTS, MIRROR_IMAGES, MIRROR_LATENCY, MIRROR_BAD, MIRROR_VOTES)
+MIRROR_LABELS = "embedder_mirror_labels"  # counter of those votes by side (preview | source) and label: the marginals
+MIRROR_METRICS = (MIRROR_REQUESTS, MIRROR_IMAGES, MIRROR_LATENCY, MIRROR_BAD, MIRROR_VOTES, MIRROR_LABELS)
 MIRROR_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 1.5, 2.5, 5.0,
                           10.0)
 NORM_TOLERANCE = 1e-3  # an embedding is a unit vector within this

@@ -13,8 +13,9 @@ AnalysisTemplates judge Prometheus queries:
   (or under ``latency_floor_ms``);
 - **embeddings**: the share of preview embeddings that are not unit vectors at most ``max_bad_rate``
   (a wrong width or a non-finite value is an error: a client would have got a 500);
-- **agreement**: the share of images whose nearest neighbours vote for the same label in each
-  version's own gallery at least ``min_label_agreement`` (a collapsed embedding space votes at random).
+- **agreement**: the label each image's nearest neighbours vote for, each version in its own gallery, agree
+  beyond chance: Cohen's kappa at least ``min_label_kappa`` (a collapsed or random embedding space scores
+  about 0; a sound model that fixes what drift broke disagrees often, but far from at random).
 
 Counts come from the preview's ``/metrics`` (one preview process, as local mode and a one-replica preview
 have), or from Prometheus (``RETRAIN_PROMETHEUS_URL``: every preview pod it scrapes).
@@ -50,13 +51,31 @@ class Counts:
     agree: float = 0.0
     disagree: float = 0.0
     latency: dict[str, dict[float, float]] = field(default_factory=dict)  # side -> {le: cumulative count}
+    labels: dict[str, dict[str, float]] = field(default_factory=dict)  # side -> {label: votes}
 
     def minus(self, base: Counts) -> Counts:
+        def nested(mine: dict, theirs: dict) -> dict:
+            return {side: {k: n - theirs.get(side, {}).get(k, 0.0) for k, n in inner.items()}
+                    for side, inner in mine.items()}
+
         return Counts(self.ok - base.ok, self.errors - base.errors, self.images - base.images,
                       {k: v - base.bad.get(k, 0.0) for k, v in self.bad.items()}, self.agree - base.agree,
-                      self.disagree - base.disagree,
-                      {side: {le: n - base.latency.get(side, {}).get(le, 0.0) for le, n in buckets.items()}
-                       for side, buckets in self.latency.items()})
+                      self.disagree - base.disagree, nested(self.latency, base.latency), nested(self.labels, base.labels))
+
+    def kappa(self) -> tuple[float, float] | None:
+        """(observed agreement, Cohen's kappa) of the two sides' label votes, or None without votes.
+
+        Kappa corrects the agreement for what the two sides' label frequencies would give by chance: a
+        collapsed or random embedding space scores about 0, whatever the number of classes; a different but
+        sound model (one that fixes what drift broke) scores well above it.
+        """
+        voted = self.agree + self.disagree
+        if voted <= 0:
+            return None
+        observed = self.agree / voted
+        source, preview = self.labels.get("source", {}), self.labels.get("preview", {})
+        chance = sum((source.get(label, 0.0) / voted) * (n / voted) for label, n in preview.items())
+        return observed, (observed - chance) / (1 - chance) if chance < 1 else (1.0 if observed >= 1 else 0.0)
 
     @property
     def requests(self) -> float:
@@ -102,6 +121,9 @@ def counts_from_samples(samples: Iterable[tuple[str, dict[str, str], float]], pr
                 c.agree += value
             else:
                 c.disagree += value
+        elif name == f"{contract.MIRROR_LABELS}_total":
+            side = c.labels.setdefault(labels["side"], {})
+            side[labels["label"]] = side.get(labels["label"], 0.0) + value
         elif name == f"{contract.MIRROR_LATENCY}_bucket":
             side = c.latency.setdefault(labels["side"], {})
             le = float(labels["le"])
@@ -136,6 +158,7 @@ class PrometheusCounts:
         samples: list[tuple[str, dict[str, str], float]] = []
         for metric, by in ((f"{contract.MIRROR_REQUESTS}_total", "outcome"), (f"{contract.MIRROR_IMAGES}_total", ""),
                            (f"{contract.MIRROR_BAD}_total", "reason"), (f"{contract.MIRROR_VOTES}_total", "agree"),
+                           (f"{contract.MIRROR_LABELS}_total", "side, label"),
                            (f"{contract.MIRROR_LATENCY}_bucket", "side, le")):
             query = f"sum by (model_version, source_version{', ' + by if by else ''}) ({metric}{{{selector}}})"
             resp = requests.get(self.url, params={"query": query}, timeout=10)
@@ -205,14 +228,15 @@ def judge(c: Counts, cfg: AnalysisSettings, replayed: int, source: str) -> Verdi
     gates.append(Gate("embeddings", bad_rate <= cfg.max_bad_rate, bad_rate, cfg.max_bad_rate,
                       f"{bad:.0f} of {c.images:.0f} preview embeddings are not unit vectors ({reasons}; at most "
                       f"{cfg.max_bad_rate:.1%})"))
-    voted = c.agree + c.disagree
-    if voted:
-        agreement = c.agree / voted
-        gates.append(Gate("agreement", agreement >= cfg.min_label_agreement, agreement, cfg.min_label_agreement,
-                          f"the neighbours' labels agree on {c.agree:.0f} of {voted:.0f} images ({agreement:.1%}; "
-                          f"at least {cfg.min_label_agreement:.0%}), each version voting in its own gallery"))
+    agreement = c.kappa()
+    if agreement is not None:
+        observed, kappa = agreement
+        gates.append(Gate("agreement", kappa >= cfg.min_label_kappa, kappa, cfg.min_label_kappa,
+                          f"the neighbours' labels agree on {c.agree:.0f} of {c.agree + c.disagree:.0f} images "
+                          f"({observed:.1%}), kappa {kappa:.2f} after chance (at least {cfg.min_label_kappa:g}), each "
+                          "version voting in its own gallery"))
     else:
-        gates.append(Gate("agreement", True, None, cfg.min_label_agreement,
+        gates.append(Gate("agreement", True, None, cfg.min_label_kappa,
                           "not judged: a version without a gallery cannot vote"))
     failed = next((g for g in gates if not g.passed), None)
     reason = (f"{failed.name} gate failed: {failed.detail}" if failed else

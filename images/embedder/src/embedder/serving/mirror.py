@@ -10,10 +10,11 @@ Service, ``--mirror-url``, route :data:`~retrain_contract.serving.MIRROR_ROUTE`,
 most ``max_in_flight`` mirrored requests at a time (more are shed), their work runs on a thread of its
 own, and a preview that is down or slow only makes the active count the failure.
 
-The preview side (:func:`compare`) embeds the images with the previewed version, checks each
+The preview side (:func:`compare_sync`) embeds the images with the previewed version, checks each
 embedding (dimension, unit norm, finite), lets its own gallery vote on each image's label, and counts
 the outcome against the source's answer in :class:`MirrorStats`: requests (ok or error), latencies of
-both sides, bad embeddings and label agreement. The deploy step's analysis reads those counters.
+both sides, bad embeddings, and the label votes (how often they agree, and each side's labels, from
+which the analysis corrects the agreement for chance). The deploy step's analysis reads those counters.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class MirrorStats:
                            [*labels, "reason"], registry=registry)
         self.votes = Counter(contract.MIRROR_VOTES, "images both versions voted on, by whether the labels agree",
                              [*labels, "agree"], registry=registry)
+        self.labels = Counter(contract.MIRROR_LABELS, "the labels each side voted for on those images",
+                              [*labels, "side", "label"], registry=registry)
 
     def record(self, version: str, source: MirrorSource, result: dict[str, Any]) -> None:
         labels = (version, source.model_version)
@@ -75,6 +78,9 @@ class MirrorStats:
             agree, votes = result["agree"], result["votes"]
             self.votes.labels(*labels, "true").inc(agree)
             self.votes.labels(*labels, "false").inc(votes - agree)
+            for side, voted in (("preview", result["labels"]), ("source", source.labels or ())):
+                for label in voted:
+                    self.labels.labels(*labels, side, label).inc()
 
 
 def sanity(vectors: torch.Tensor, dim: int) -> dict[str, int]:
@@ -122,6 +128,7 @@ def compare_sync(target: Serving, items: list[tuple[str, bytes]], source: Mirror
     if labels is not None and source.labels is not None and len(source.labels) == len(labels):
         result["agree"] = sum(a == b for a, b in zip(labels, source.labels, strict=True))
         result["votes"] = len(labels)
+        result["labels"] = labels
     return result
 
 
