@@ -51,9 +51,9 @@ DEMO_SETTINGS = {
     "RETRAIN_EPOCHS": "2", "RETRAIN_IMAGE_SIZE": "32", "RETRAIN_BATCH_SIZE": "64",
     "RETRAIN_DRIFT_WINDOW_S": "15", "RETRAIN_DRIFT_WINDOWS": "2", "RETRAIN_SAMPLE_RATE": "1.0",
     "RETRAIN_DRIFT_MIN_SAMPLES": "40", "RETRAIN_DRIFT_PERMUTATIONS": "300", "RETRAIN_DRIFT_COOLDOWN_H": "0",
-    # No client traffic while the demo deploys: the analysis waits 5 s for mirrored requests, then replays
-    # held-out images to both versions; the old version stays warm 5 s after each switch.
-    "RETRAIN_ANALYSIS_WINDOW_S": "5", "RETRAIN_SCALE_DOWN_DELAY_S": "5", "RETRAIN_MIRROR_RATE": "1.0",
+    # No client traffic while the demo deploys: the analysis waits 3 s for mirrored requests, then replays
+    # held-out images to both versions; the old version stays warm 3 s after each switch.
+    "RETRAIN_ANALYSIS_WINDOW_S": "3", "RETRAIN_SCALE_DOWN_DELAY_S": "3", "RETRAIN_MIRROR_RATE": "1.0",
 }
 TRAFFIC_PER_WINDOW = 60
 
