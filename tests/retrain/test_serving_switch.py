@@ -33,6 +33,7 @@ from retrain_contract.results import PromoteResult
 from retrain_contract.serving import Pin
 from tests.conftest import SERVING_MODEL
 from tests.helpers import free_port, wait_http
+from tests.monitoring.conftest import start_prometheus  # noqa: F401 (a fixture)
 from tests.support.load import Load, interleavings, versions_in_order
 from tests.support.tcp_proxy import TcpProxy
 
@@ -301,4 +302,23 @@ def test_an_operators_edit_is_a_veto_until_lifted(stack):
     assert ownership.latest_veto(stack.client, MODEL) == GOOD
     ownership.lift_veto(stack.client, MODEL, GOOD, "run-lift")
     stack.deploy(GOOD, "run-lift")
+    assert stack.active() == GOOD
+
+
+def test_the_analysis_reads_prometheus_where_one_is_configured(stack, test_images, start_prometheus):  # noqa: F811
+    """RETRAIN_PROMETHEUS_URL: the gates judge PromQL sums over every preview process Prometheus scrapes (here the
+    serving process, scraped every second), as an Argo Rollouts AnalysisTemplate would query them."""
+    stack.serve_first(CHAMPION_V)
+    prometheus = start_prometheus(stack.url.removeprefix("http://"), "groups: []\n")
+    stack.settings = Settings.from_env({**stack.env, "RETRAIN_PROMETHEUS_URL": prometheus.url})
+    with Load(stack.url, test_images, clients=2) as load:
+        poll(lambda: load.count() >= 10, timeout_s=60, interval_s=0.05, what="traffic")
+        with pytest.raises(RolloutFailed, match="agreement gate failed") as failed:
+            stack.deploy(COLLAPSED, "run-prometheus-collapsed")
+        result = stack.deploy(GOOD, "run-prometheus-good")
+    assert failed.value.gate == "agreement"
+    verdict = result["analysis"]
+    assert verdict["passed"] and verdict["source"] == f"Prometheus at {prometheus.url}" and verdict["images"] >= 16
+    seen = prometheus.query(f'sum(embedder_mirror_images_total{{model_version="{GOOD}",source_version="{CHAMPION_V}"}})')
+    assert float(seen["data"]["result"][0]["value"][1]) >= verdict["images"]  # what the gates judged, in Prometheus
     assert stack.active() == GOOD
