@@ -44,9 +44,10 @@ test: venv browser prometheus  ## the whole suite (unit, training, Airflow and b
 test-fast: venv prometheus  ## everything but the slow end-to-end and training tests
 	$(PY) -m pytest -m "not e2e and not training"
 
-bench: venv  ## train stage vs a bare loop, checkpoint cost, serving vs a bare forward loop: each side by side
+bench: venv  ## train stage vs a bare loop, checkpoint cost, serving vs a bare forward loop, switch vs rollbacks: side by side
 	$(PY) -m embedder.bench
 	$(PY) -m embedder.bench_serving
+	$(PY) -m localdev.bench_switch
 
 # Needs only PyTorch, torchvision, Pillow and NumPy: a GPU machine without this project's environment runs it
 # with its own Python. Extra flags in BENCH_GPU_ARGS (e.g. "--decode-on device", "--peak-tflops 756").

@@ -45,6 +45,7 @@ ADMIN_USER = "admin"
 AIRFLOW_COMPONENTS = ("api-server", "dag-processor", "scheduler", "triggerer")
 STOP_ORDER = ("scheduler", "triggerer", "dag-processor", "api-server", "serving", "mlflow")
 STOP_GRACE_S = 45.0  # a stopped training stage saves a checkpoint first (the local runner allows it 30 s)
+SERVING_POLL_S = 0.25  # the serving process reads its record this often: a switch takes effect within it
 
 
 class StackError(RuntimeError):
@@ -194,7 +195,7 @@ class LocalStack:
                                   "--host", serving_host, "--port", str(serving_port),
                                   "--sample-uri", s.drift.sample_uri, "--sample-rate", str(s.drift.sample_rate),
                                   "--window-seconds", str(s.drift.window_s),
-                                  "--mirror-rate", str(s.rollout.mirror_rate)],
+                                  "--mirror-rate", str(s.rollout.mirror_rate), "--poll-interval", str(SERVING_POLL_S)],
                       lambda: _http_ok(f"{s.serving_url}/healthz"), f"{s.serving_url}/docs"),
             Component("api-server", [airflow, "api-server"],
                       lambda: _http_ok(f"{s.airflow_url}/api/v2/monitor/health"), s.airflow_url),
