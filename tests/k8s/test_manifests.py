@@ -131,3 +131,37 @@ def test_the_kubeflow_component_runs_several_nodes_as_pytorchjobs_and_grants_jus
                                                           ("delete", "pytorchjobs")}
     config = next(cm["data"] for cm in by_kind(docs, "ConfigMap") if cm["metadata"]["name"].startswith("retrain-settings"))
     assert Settings.from_env(config).pods.train_launcher == "pytorchjob"
+
+
+ARGO = K8S / "components" / "argo-rollouts"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
+def test_the_argo_component_renders_a_blue_green_rollout_on_the_serving_template(overlay, tmp_path):
+    from retrain.settings import Settings
+    from tests.support.kube import rbac_rules
+
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({  # an overlay of the user's, with the component
+        "resources": [os.path.relpath(overlay, tmp_path)], "components": [os.path.relpath(ARGO, tmp_path)]}))
+    docs = kustomize(tmp_path)
+    for doc in docs:
+        if doc["kind"] != "Rollout":  # the CRD's schema is Argo's, not in the 1.37 schemas
+            kubernetes_validate.validate(doc, "1.37.0", strict=True)
+    (rollout,) = by_kind(docs, "Rollout")
+    assert rollout["metadata"]["namespace"] == "retrain"
+    assert rollout["spec"]["workloadRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "embedder-serving",
+                                              "scaleDown": "onsuccess"}
+    blue_green = rollout["spec"]["strategy"]["blueGreen"]
+    assert (blue_green["activeService"], blue_green["previewService"], blue_green["autoPromotionEnabled"]) == (
+        "embedder-serving", "embedder-serving-preview", False)
+    assert [d["metadata"]["name"] for d in by_kind(docs, "Deployment")] == ["embedder-serving"]  # the template's home
+    deployment = by_kind(docs, "Deployment")[0]
+    assert rollout["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert by_kind(docs, "HorizontalPodAutoscaler")[0]["spec"]["scaleTargetRef"]["kind"] == "Rollout"
+    preview = next(d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "embedder-serving-preview")
+    assert preview["spec"]["selector"] == {"app.kubernetes.io/name": "embedder-serving"}  # Argo adds the hash
+    plain = rbac_rules(kustomize(overlay), "airflow-worker")
+    assert rbac_rules(docs, "airflow-worker") - plain == {("get", "rollouts"), ("patch", "rollouts"),
+                                                          ("patch", "rollouts/status"), ("get", "replicasets")}
+    config = next(cm["data"] for cm in by_kind(docs, "ConfigMap") if cm["metadata"]["name"].startswith("retrain-settings"))
+    assert Settings.from_env(config).rollout.kind == "argo"

@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 
 from retrain import rollout
 from retrain.rollout import ownership
+from retrain.rollout.argo import ArgoServing
 from retrain.rollout.history import serving_experiment
 from retrain.rollout.kubernetes import KubernetesServing
 from retrain.rollout.targets import RolloutFailed
@@ -34,8 +35,8 @@ from retrain_contract.registry import CHAMPION, alias_version
 from retrain_contract.results import PromoteResult
 from retrain_contract.serving import Pin
 from tests.conftest import SERVING_MODEL
-from tests.helpers import KUBECTL
-from tests.support.kube import KubeEmulator
+from tests.helpers import KUBECTL, kustomize
+from tests.support.kube import KubeEmulator, rbac_rules
 from tests.support.load import Load, interleavings, versions_in_order
 from tests.support.models import register_unloadable
 
@@ -53,12 +54,14 @@ def promotion(version: str, previous: str | None) -> dict:
 class Cluster:
     """The emulator with the project's manifests applied by kubectl, and the deploy step's settings and clients."""
 
-    def __init__(self, home: Path, mlflow_url: str, digits: Path):
+    def __init__(self, home: Path, mlflow_url: str, digits: Path, argo: bool = False):
         self.home, self.mlflow_url, self.digits = home, mlflow_url, digits
         self.images = [(p.name, p.read_bytes()) for p in sorted(digits.rglob("*.png"))]
         self.emulator = KubeEmulator(home, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_url}).start()
         self.emulator.controller_delay = 0.05
         self.emulator.hpa_replicas = 2
+        if argo:
+            self.emulator.install_argo_rollouts()
         self.kubeconfig = self.emulator.kubeconfig(home / "operator-kubeconfig", user="operator")
         self.overlay = home / "overlay"
         self.overlay.mkdir()
@@ -66,6 +69,7 @@ class Cluster:
         (self.overlay / "kustomization.yaml").write_text(json.dumps({
             "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
             "resources": [os.path.relpath(REPO / "k8s" / "overlays" / "local", self.overlay)],
+            "components": [os.path.relpath(REPO / "k8s" / "components" / "argo-rollouts", self.overlay)] if argo else [],
             "configMapGenerator": [{"name": "serving-config", "behavior": "merge", "literals": [
                 f"MLFLOW_TRACKING_URI={mlflow_url}", "SERVING_MIRROR_RATE=1.0", "SERVING_THREADS=1"]}]}))
         applied = self.kubectl("apply", "--validate=false", "-k", str(self.overlay))
@@ -76,11 +80,12 @@ class Cluster:
                     "RETRAIN_SERVING_PREVIEW_URL": self.emulator.service_url(NS, PREVIEW),
                     "RETRAIN_ANALYSIS_MIN_IMAGES": "16", "RETRAIN_ANALYSIS_WINDOW_S": "3",
                     "RETRAIN_ANALYSIS_LATENCY_FLOOR_MS": "20", "RETRAIN_ANALYSIS_POLL_S": "0.2",
-                    "RETRAIN_SCALE_DOWN_DELAY_S": "1", "RETRAIN_DEPLOY_POLL_S": "0.1", "RETRAIN_DEPLOY_TIMEOUT_S": "180"}
+                    "RETRAIN_SCALE_DOWN_DELAY_S": "1", "RETRAIN_DEPLOY_POLL_S": "0.1", "RETRAIN_DEPLOY_TIMEOUT_S": "180",
+                    "RETRAIN_SERVING_ROLLOUT": "argo" if argo else "deployments"}
         self.settings = Settings.from_env(self.env)
         self.client = MlflowClient(mlflow_url)
         api = config.new_client_from_config(str(self.emulator.kubeconfig(home / "worker-kubeconfig")))
-        self.target = KubernetesServing.from_settings(self.settings)
+        self.target = (ArgoServing if argo else KubernetesServing).from_settings(self.settings)
         self.target._apps, self.target._core = k8s.AppsV1Api(api), k8s.CoreV1Api(api)
 
     def kubectl(self, *args: str) -> subprocess.CompletedProcess:
@@ -248,3 +253,46 @@ def test_a_preview_that_never_gets_ready_is_rejected_and_nothing_changes_for_cli
     assert cluster.emulator.get("deployments", PREVIEW)["spec"]["replicas"] == 0
     assert [a["kind"] for a in cluster.alerts()] == ["analysis"]
     assert [r.data.tags["serving.model_version"] for r in cluster.serving_runs("rejected")] == [broken]
+
+
+@pytest.fixture
+def argo_cluster(tmp_path, mlflow_server, serving_models, clean_vetoes, digits_root):
+    running = Cluster(tmp_path, mlflow_server, digits_root / "test", argo=True)
+    yield running
+    running.emulator.stop()
+
+
+def test_with_argo_rollouts_the_rollout_switches_at_once_and_an_undo_is_a_veto(argo_cluster):
+    """k8s/components/argo-rollouts: the same deploy step drives a blue-green Rollout (against the emulator's Argo
+    controller, written from Argo Rollouts' documented behaviour): preview ReplicaSet paused for promotion, the
+    analysis on mirrored live traffic, promotion, the serving Service switched at once; an undo is a veto."""
+    cluster = argo_cluster
+    cluster.deploy("1", "r1")
+    assert cluster.served() == "1"
+    test_images = sorted(cluster.digits.rglob("*.png"))
+    with Load(cluster.settings.serving_url, test_images, clients=3) as load:
+        poll(lambda: load.count("1") >= 20, timeout_s=60, interval_s=0.05, what="traffic on version 1")
+        result = cluster.deploy("2", "r2", previous="1")
+        poll(lambda: load.count("2") >= 20, timeout_s=60, interval_s=0.05, what="traffic on version 2")
+    assert [a for a in load.answers if a.status != 200] == []
+    assert interleavings(load.answers, "1", "2") == []
+    for c in range(3):
+        assert versions_in_order([a for a in load.answers if a.client == c]) == ["1", "2"]
+    assert result["analysis"]["passed"] and result["analysis"]["replayed"] == 0
+    rollout_obj = cluster.emulator.get("rollouts", SERVING)
+    stable = rollout_obj["status"]["stableRS"]
+    service = cluster.emulator.get("services", SERVING)
+    assert service["spec"]["selector"]["rollouts-pod-template-hash"] == stable  # Argo's switch
+    history = cluster.kubectl("rollout", "history", "deployment/embedder-serving")
+    assert f"model {MODEL} version 2 from Airflow run r2" in history.stdout
+    assert cluster.emulator.get("deployments", SERVING)["spec"]["replicas"] == 0  # the Rollout runs the pods
+
+    # The operator takes version 2 out (its template back, while version 1's ReplicaSet is still warm).
+    undo = cluster.kubectl("rollout", "undo", "deployment/embedder-serving")
+    assert undo.returncode == 0, undo.stderr
+    poll(lambda: cluster.served() == "1", timeout_s=60, interval_s=0.2, what="version 1 serving after the undo")
+    noticed = ownership.reconcile(cluster.settings, cluster.client, cluster.target, "r3")
+    assert noticed.vetoed == "2" and noticed.serving == noticed.champion == "1"
+    assert [a["kind"] for a in cluster.alerts()] == ["veto"]
+    granted = rbac_rules(kustomize(cluster.overlay), "airflow-worker")
+    assert cluster.emulator.verbs() - {("get", "version")} <= granted  # the component's Role covers what was called

@@ -179,6 +179,10 @@ class KubeEmulator:
         self.api.installed.add("pytorchjobs")
         self.api.training.installed = True
 
+    def install_argo_rollouts(self) -> None:
+        """Argo Rollouts and its CRDs: ``rollouts`` becomes a resource (:mod:`.rollouts`)."""
+        self.api.installed |= {"rollouts", "analysisruns"}
+
     def preempt(self, namespace: str, name: str, reason: str = "TerminationByKubelet") -> None:
         """What a node's shutdown does to a running pod: the ``DisruptionTarget`` condition, then SIGTERM."""
         self._in_loop(self.kubelet.preempt, namespace, name, reason)

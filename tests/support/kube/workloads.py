@@ -9,8 +9,9 @@
   (``maxUnavailable``); the status reports ``observedGeneration``, updated/ready/available replicas and the
   ``Progressing`` condition, up to ``ProgressDeadlineExceeded`` when the new pods never become ready.
 - **ReplicaSets** create and delete pods to their ``replicas`` (pods owned by them, readiness from the kubelet).
-- **The HPA** owns its target's ``spec.replicas``: it sets it to :attr:`Workloads.hpa_replicas` (the metrics
-  a test decides), kept within ``minReplicas``..``maxReplicas``.
+- **Argo Rollouts' blue-green** Rollouts, once a test installs the CRD (:mod:`.rollouts`);
+- **The HPA** owns its target's ``spec.replicas`` (a Deployment or a Rollout): it sets it to
+  :attr:`Workloads.hpa_replicas` (the metrics a test decides), kept within ``minReplicas``..``maxReplicas``.
 
 The controllers run on the emulator's loop, woken by every change to the store and every :attr:`tick`.
 """
@@ -74,6 +75,9 @@ class Workloads:
         self.hpa_replicas: int | None = None  # what the HPA's metrics ask for (None: its minimum)
         self._progress: dict[tuple[str, str], float] = {}  # deployment -> when it last made progress
         self._new_ready: dict[tuple[str, str], tuple[str, int]] = {}  # deployment -> (new ReplicaSet, ready pods)
+        from .rollouts import RolloutController
+
+        self.rollouts = RolloutController(self)
 
     async def run(self) -> None:
         while not self.store.stopping:
@@ -87,6 +91,9 @@ class Workloads:
             if resource == "horizontalpodautoscalers":
                 self._autoscale(ns, obj)
         for (resource, ns, _), obj in list(self.store.objects.items()):
+            if resource == "rollouts":
+                self.rollouts.reconcile(ns, obj)
+        for (resource, ns, _), obj in list(self.store.objects.items()):
             if resource == "deployments":
                 self._deployment(ns, obj)
         for (resource, ns, _), obj in list(self.store.objects.items()):
@@ -96,7 +103,7 @@ class Workloads:
     # -- the HPA ----------------------------------------------------------------------------------------
     def _autoscale(self, ns: str, hpa: dict) -> None:
         ref = hpa["spec"]["scaleTargetRef"]
-        target = self.store.objects.get(("deployments", ns, ref["name"]))
+        target = self.store.objects.get(("rollouts" if ref["kind"] == "Rollout" else "deployments", ns, ref["name"]))
         if target is None:
             return
         low, high = hpa["spec"].get("minReplicas", 1), hpa["spec"]["maxReplicas"]

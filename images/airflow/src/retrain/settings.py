@@ -20,6 +20,7 @@ from retrain_contract import params
 from retrain_contract.serving import PREVIEW_PREFIX
 
 RUNNERS = ("local", "kubernetes")
+SERVING_ROLLOUTS = ("deployments", "argo")  # Kubernetes: the deploy step's own switch, or an Argo Rollout
 TRAIN_LAUNCHERS = ("job", "pytorchjob")  # several train nodes: an Indexed Job + headless Service, or a PyTorchJob
 # A schedule's first run is its next tick after the DAG appears or is unpaused: unpausing never starts the
 # slot that just passed. (Airflow 3.3's CronTriggerTimetable treats run_immediately=False like None, which
@@ -181,6 +182,7 @@ class RolloutSettings:
     """How a new version comes to serve: preview, analysis, switch, and the old version kept warm."""
 
     preview_url: str  # where the deploy step reaches the preview (local mode: the serving URL + /preview)
+    kind: str = "deployments"  # Kubernetes: the project's switch over two Deployments, or an Argo Rollout ("argo")
     preview_deployment: str = "embedder-serving-preview"  # Kubernetes: the preview's Deployment and Service
     preview_replicas: int = 1  # Kubernetes: preview pods during the analysis (scaled to the active's before the switch)
     warm_s: float = 30.0  # the old version stays warm this long after the switch (Argo's scaleDownDelaySeconds)
@@ -193,8 +195,13 @@ class RolloutSettings:
         preview = env.get("RETRAIN_SERVING_PREVIEW_DEPLOYMENT", d.preview_deployment)
         default_url = (f"http://{preview}.{namespace}.svc.cluster.local" if runner == "kubernetes"
                        else f"{serving_url}{PREVIEW_PREFIX}")
+        kind = env.get("RETRAIN_SERVING_ROLLOUT", d.kind)
+        if kind not in SERVING_ROLLOUTS:
+            raise SettingsError(f"RETRAIN_SERVING_ROLLOUT={kind!r} is not a way to roll serving out; set it to one of "
+                                f"{', '.join(SERVING_ROLLOUTS)} (argo needs Argo Rollouts and k8s/components/argo-rollouts)")
         return cls(
             preview_url=env.get("RETRAIN_SERVING_PREVIEW_URL", default_url).rstrip("/"),
+            kind=kind,
             preview_deployment=preview,
             preview_replicas=_count(env, "RETRAIN_PREVIEW_REPLICAS", d.preview_replicas, minimum=1),
             warm_s=_number(env, "RETRAIN_SCALE_DOWN_DELAY_S", d.warm_s, inclusive=True),

@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 
 
 def target_for(settings: Settings) -> ServingTarget:
+    if settings.runner == "kubernetes" and settings.rollout.kind == "argo":
+        from retrain.rollout.argo import ArgoServing
+
+        return ArgoServing.from_settings(settings)
     if settings.runner == "kubernetes":
         from retrain.rollout.kubernetes import KubernetesServing
 

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_IN_FLIGHT = 2
 DEFAULT_TIMEOUT_S = 30.0
 UNREACHABLE_BACKOFF_S = 2.0  # after the preview URL refused a connection, how long the active does not try it
+SAME_VERSION_BACKOFF_S = 10.0  # after it led back to this version (Argo points the preview Service at the active)
 
 
 class MirrorStats:
@@ -199,6 +200,9 @@ class Mirror:
             return "unreachable"
         except httpx.TimeoutException:
             return "timeout"
+        if resp.status_code == 409:  # the preview address leads back to this version (no preview now)
+            self._unreachable_until = time.monotonic() + SAME_VERSION_BACKOFF_S
+            return "same_version"
         return "ok" if resp.status_code == 200 and resp.json().get("outcome") == "ok" else "error"
 
     def _count(self, outcome: str) -> None:
