@@ -77,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.chdir(home)
         uri = f"sqlite:///{home / 'mlflow.db'}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # one of another store (mlflow.set_experiment exports it)
         import mlflow
 
         mlflow.set_tracking_uri(uri)

@@ -19,6 +19,15 @@ BIN = Path(sys.executable).parent
 from tests.helpers import free_port, wait_http  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_experiment(monkeypatch):
+    """``mlflow.set_experiment`` exports ``MLFLOW_EXPERIMENT_ID``: one test's experiment must not follow the next
+    test (or the processes it starts) to another tracking store."""
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    yield
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 @pytest.fixture(scope="session")
 def digits_root(tmp_path_factory) -> Path:
     """A small real data set: 40 scikit-learn digits per class as an ImageFolder tree (read-only)."""

@@ -236,6 +236,9 @@ def test_the_api_server_failing_the_switch_is_retried_without_a_second_rollout(c
     assert result["model_version"] == "2" and cluster.served() == "2"
     again = [p for p in cluster.emulator.created[created:] if p["metadata"]["labels"]["retrain/track"] == "preview"]
     assert len(again) == len(previews)  # the preview was not started again
+    # nor judged again: its analysis passed before the switch failed (by now the preview runs at full size)
+    analyses = [r for r in cluster.serving_runs("analysis") if r.data.tags["airflow.run_id"] == "r2"]
+    assert len(analyses) == 1 and result["analysis_run_id"] == analyses[0].info.run_id
     assert alias_version(cluster.client, MODEL, CHAMPION) == "2" and cluster.alerts() == []
     assert [r.data.tags["serving.model_version"] for r in cluster.serving_runs("rolled_out")] == ["2", "1"]
 

@@ -101,6 +101,9 @@ class KubeEmulator:
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop = None
+        if self.workloads.failures:  # an emulator bug must not pass as the system's behaviour
+            raise AssertionError(f"the emulator's controllers failed: {self.workloads.failures[:3]}")
 
     async def _serve(self) -> None:
         self.url = await self._listen(self.api.app(middlewares=[self.rbac.middleware, self.api.inject_faults]))

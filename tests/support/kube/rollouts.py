@@ -82,7 +82,7 @@ class RolloutController:
         template = self._template(ns, ro)
         if template is None:
             return
-        key = template_hash(template)
+        key = template_hash({"rollout": template})  # Argo's own hash: never a Deployment's ReplicaSet's name
         spec, status = ro["spec"], ro.setdefault("status", {})
         before = copy.deepcopy(status)
         bg = spec["strategy"]["blueGreen"]

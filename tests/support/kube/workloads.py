@@ -23,6 +23,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import logging
 import secrets
 import string
 import time
@@ -30,6 +31,7 @@ from collections.abc import Callable
 
 from .store import Store, condition, now, selector_matches
 
+log = logging.getLogger(__name__)
 REVISION = "deployment.kubernetes.io/revision"
 CHANGE_CAUSE = "kubernetes.io/change-cause"
 HASH = "pod-template-hash"
@@ -75,6 +77,7 @@ class Workloads:
         self.hpa_replicas: int | None = None  # what the HPA's metrics ask for (None: its minimum)
         self._progress: dict[tuple[str, str], float] = {}  # deployment -> when it last made progress
         self._new_ready: dict[tuple[str, str], tuple[str, int]] = {}  # deployment -> (new ReplicaSet, ready pods)
+        self.failures: list[str] = []  # what a controller pass raised (KubeEmulator.stop fails the test on it)
         from .rollouts import RolloutController
 
         self.rollouts = RolloutController(self)
@@ -82,7 +85,11 @@ class Workloads:
     async def run(self) -> None:
         while not self.store.stopping:
             seen = self.store.changes.count
-            self.reconcile()
+            try:
+                self.reconcile()
+            except Exception as exc:  # a controller bug: loud, and the controllers keep running (as a real one's would)
+                log.exception("the emulator's controllers failed a pass")
+                self.failures.append(repr(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.store.changes.wait_past(seen), timeout=self.tick)
 

@@ -56,9 +56,11 @@ class MirrorSource:
     model_version: str
     latency_s: float
     labels: tuple[str, ...] | None = None
+    model_name: str = ""  # empty from a sender that did not say (then only the version identifies the source)
 
     def encode(self) -> str:
-        doc = {"v": self.model_version, "t": round(self.latency_s, 6), "l": list(self.labels) if self.labels else None}
+        doc = {"v": self.model_version, "t": round(self.latency_s, 6), "l": list(self.labels) if self.labels else None,
+               "n": self.model_name}
         return base64.urlsafe_b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
 
     @classmethod
@@ -66,14 +68,18 @@ class MirrorSource:
         """The header's value; ValueError naming the header and what is wrong with it."""
         try:
             doc = json.loads(base64.urlsafe_b64decode(text.encode()))
-            version, latency, labels = str(doc["v"]), float(doc["t"]), doc.get("l")
+            version, latency, labels, name = str(doc["v"]), float(doc["t"]), doc.get("l"), str(doc.get("n") or "")
         except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{MIRROR_HEADER}: not a mirrored request's source ({type(exc).__name__})") from None
         if not math.isfinite(latency) or latency < 0 or not version:
             raise ValueError(f"{MIRROR_HEADER}: a latency of {latency} s for version {version!r}")
         if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
             raise ValueError(f"{MIRROR_HEADER}: labels must be a list of strings")
-        return cls(version, latency, tuple(labels) if labels is not None else None)
+        return cls(version, latency, tuple(labels) if labels is not None else None, name)
+
+    def is_from(self, pin: Pin) -> bool:
+        """Whether ``pin`` answered it: a mirrored request that would compare a version with itself."""
+        return self.model_version == pin.model_version and self.model_name in ("", pin.model_name)
 
 
 # -- what a preview counts of mirrored requests (Prometheus names; labels model_version and source_version) --

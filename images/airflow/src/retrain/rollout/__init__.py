@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 
 from retrain.registry import embedding_dim
 from retrain.rollout import analysis, ownership
-from retrain.rollout.history import record_analysis, serving_at, serving_experiment, serving_periods
+from retrain.rollout.history import passed_analysis, record_analysis, serving_at, serving_experiment, serving_periods
 from retrain.rollout.smoke import smoke_test
 from retrain.rollout.targets import (
     REJECTED,
@@ -148,6 +148,12 @@ class Rollout:
         return self._serving(self.target.read(), expected_dim, switched_from=state.active)
 
     def _analyse(self, active: Pin) -> None:
+        done = passed_analysis(self.client, self.settings, model_name=self.pin.model_name,
+                               preview=self.pin.model_version, active=active.model_version, airflow_run_id=self.run_id)
+        if done is not None:  # a retry after the analysis passed (and the preview may be at full size now)
+            self.result["analysis_run_id"], self.result["analysis"] = done
+            log.info("analysis already passed in this run (MLflow run %s): %s", done[0], done[1]["reason"])
+            return
         cfg = self.settings.rollout.analysis
         verdict = analysis.analyse(cfg, self.target.preview_url, self.target.serving_url, self.pin, active,
                                    self.replay_images)

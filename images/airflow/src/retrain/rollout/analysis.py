@@ -259,7 +259,7 @@ def replay(images: list[tuple[str, bytes]], active_url: str, preview_url: str, a
         elif resp.status_code != 503:  # 503: the active has no gallery; it is compared without votes
             log.warning("replay: the active answered %s with %d; skipped", name, resp.status_code)
             continue
-        source = MirrorSource(active.model_version, latency, labels)
+        source = MirrorSource(active.model_version, latency, labels, active.model_name)
         mirrored = requests.post(f"{preview_url}{contract.MIRROR_ROUTE}", files={"files": (name, data)},
                                  headers={contract.MIRROR_HEADER: source.encode()}, timeout=60)
         done += mirrored.status_code == 200

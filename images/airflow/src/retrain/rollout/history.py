@@ -15,6 +15,7 @@ Every change of what serves, every rejected preview and every analysis is one ML
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -23,6 +24,8 @@ from mlflow import MlflowClient
 from retrain.settings import Settings
 
 PERIODS = ("rolled_out", "operator")  # outcomes after which the version serves
+VERDICT_TAG = "analysis.verdict"  # the whole verdict as JSON, where it fits a tag
+VERDICT_TAG_LIMIT = 8000  # MLflow's longest tag value
 
 
 def serving_experiment(settings: Settings) -> str:
@@ -78,6 +81,9 @@ def record_analysis(client: MlflowClient, settings: Settings, *, model_name: str
             "analysis.against_version": str(active), "analysis.passed": str(verdict["passed"]).lower(),
             "analysis.reason": verdict["reason"][:5000], "analysis.source": verdict["source"],
             "airflow.run_id": airflow_run_id, "serving.live": "false"}
+    whole = json.dumps(verdict, separators=(",", ":"))
+    if len(whole) <= VERDICT_TAG_LIMIT:
+        tags[VERDICT_TAG] = whole
     for gate in verdict["gates"]:
         tags[f"analysis.gate.{gate['name']}"] = "pass" if gate["passed"] else "FAIL"
         tags[f"analysis.gate.{gate['name']}.detail"] = gate["detail"][:5000]
@@ -92,6 +98,25 @@ def record_analysis(client: MlflowClient, settings: Settings, *, model_name: str
         client.log_metric(run.info.run_id, key, float(value), timestamp=now_ms)
     client.set_terminated(run.info.run_id, "FINISHED" if verdict["passed"] else "FAILED", end_time=now_ms)
     return experiment_id, run.info.run_id
+
+
+def passed_analysis(client: MlflowClient, settings: Settings, *, model_name: str, preview: str, active: str,
+                    airflow_run_id: str) -> tuple[str, dict[str, Any]] | None:
+    """This Airflow run's passed analysis of ``preview`` against ``active`` (its MLflow run and verdict), if any: a
+    retry of the deploy step after the analysis passed does not judge again (the preview may be at full size by
+    then, and its traffic is no longer what the analysis measures)."""
+    experiment = client.get_experiment_by_name(serving_experiment(settings))
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`serving.outcome` = 'analysis' and tags.`analysis.passed` = 'true' and "
+        f"tags.`airflow.run_id` = '{airflow_run_id}' and tags.`serving.model_version` = '{preview}' and "
+        f"tags.`analysis.against_version` = '{active}' and tags.`serving.model_name` = '{model_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs or VERDICT_TAG not in runs[0].data.tags:
+        return None
+    return runs[0].info.run_id, json.loads(runs[0].data.tags[VERDICT_TAG])
 
 
 def _periods(client: MlflowClient, experiment_id: str, extra: str, newest_first: bool, max_results: int) -> list:

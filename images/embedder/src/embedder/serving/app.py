@@ -277,7 +277,7 @@ def mirror_route(pick: Pick):
             source = MirrorSource.decode(header)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
-        if source.model_version == cur.desired.model_version:  # no preview beside it: it would compare with itself
+        if source.is_from(cur.desired.pin):  # no preview beside it: it would compare with itself
             raise HTTPException(409, f"version {source.model_version} mirrored to itself: there is no preview")
         items, _ = await read_images(request, runtime.limits)
         result = await runtime.compare(cur, items, source)

@@ -109,7 +109,8 @@ def source_sync(cur: Serving, items: list[tuple[str, bytes]], max_pixels: int) -
     vectors = cur.loaded.embed(preprocess(items, cur.loaded.image_size, max_pixels))
     latency = time.perf_counter() - started
     labels = votes(cur, vectors)
-    return MirrorSource(cur.desired.model_version, latency, tuple(labels) if labels is not None else None)
+    return MirrorSource(cur.desired.model_version, latency, tuple(labels) if labels is not None else None,
+                        cur.desired.model_name)
 
 
 def compare_sync(target: Serving, items: list[tuple[str, bytes]], source: MirrorSource, max_pixels: int) -> dict[str, Any]:
