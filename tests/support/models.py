@@ -136,3 +136,37 @@ def register_unloadable(client: MlflowClient, name: str, home: Path) -> str:
     client.log_artifacts(run.info.run_id, str(home / "broken"), "broken")
     client.set_terminated(run.info.run_id)
     return str(client.create_model_version(name, source=f"{run.info.artifact_uri}/broken", run_id=run.info.run_id).version)
+
+
+class _Trap:
+    """Unpickling it runs code: it writes ``marker`` (what a hostile artifact would do, harmlessly)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('code ran while loading a model')",)
+
+
+def register_pickled(client: MlflowClient, name: str, module: nn.Module, marker: Path, home: Path) -> str:
+    """A version that looks like ``embedder.train``'s (MLmodel, metadata, head) but whose model is a pickle
+    (``model.pth``, MLflow's pickle format) that writes ``marker`` when it is unpickled; returns the version."""
+    import pickle
+    import shutil
+
+    from mlflow.artifacts import download_artifacts
+
+    good = register(client, name, module)
+    src = Path(download_artifacts(artifact_uri=f"models:/{name}/{good}", dst_path=str(home / f"pickled-src-{good}")))
+    dst = home / f"pickled-{good}"
+    shutil.copytree(src, dst)
+    data = dst / "data"
+    for old in data.iterdir():
+        old.unlink() if old.is_file() else shutil.rmtree(old)
+    (data / "model.pth").write_bytes(pickle.dumps(_Trap(marker)))
+    (data / "pickle_module_info.txt").write_text("pickle")
+    experiment = client.get_experiment_by_name(name) or client.get_experiment(client.create_experiment(name))
+    run = client.create_run(experiment.experiment_id)
+    client.log_artifacts(run.info.run_id, str(dst), "model")
+    client.set_terminated(run.info.run_id)
+    return str(client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version)

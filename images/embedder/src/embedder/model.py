@@ -15,6 +15,7 @@ import io
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,15 +119,61 @@ def head_file(classifier: Classifier, directory: Path, classes: list[str]) -> Pa
     return path
 
 
+class UnsafeModelFormat(ValueError):
+    """A registered model stored in a format whose loading can run code (a pickle): refused, never loaded."""
+
+
+PICKLE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+_pickle_env_lock = threading.Lock()
+
+
+def check_format(model_uri: str, local: Path) -> None:
+    """Refuse a downloaded MLflow model that is not a pickle-free ``pt2`` export, naming it and the way out."""
+    from mlflow.models import Model
+
+    flavor = (Model.load(local).flavors or {}).get("pytorch")
+    if flavor is None:
+        raise UnsafeModelFormat(f"{model_uri}: not a PyTorch model (no pytorch flavor in its MLmodel); log it with "
+                                "embedder.train or mlflow.pytorch.log_model(..., serialization_format='pt2')")
+    data = Path(local, flavor.get("model_data", "data"))
+    found = sorted(p.name for p in data.iterdir()) if data.is_dir() else [data.name]
+    if (data / "model.pt2").is_file() and not (data / "model.pth").exists():
+        return
+    kind = "a pickled module (model.pth)" if (data / "model.pth").exists() or data.is_file() else f"{found}"
+    raise UnsafeModelFormat(
+        f"{model_uri}: refused to load {kind}: loading a pickle runs whatever code it names. Only the pt2 export "
+        "(torch.export, what embedder.train logs) is loaded; register a version logged with "
+        "mlflow.pytorch.log_model(..., serialization_format='pt2')")
+
+
 def load(model_uri: str) -> LoadedModel:
-    """Load a logged embedder (``models:/name/version``, ``runs:/...``, ``models:/m-...``)."""
+    """Load a logged embedder (``models:/name/version``, ``runs:/...``, ``models:/m-...``).
+
+    Only what runs no code is read: the ``pt2`` export, checked pickle-free by MLflow (its
+    ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` is held false for the load, whatever the environment says), the
+    head with ``weights_only=True``. Anything else is :class:`UnsafeModelFormat`, before any of it is read.
+    """
     import mlflow
     from mlflow.models import Model
 
     with tempfile.TemporaryDirectory(prefix="embedder-model-") as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        check_format(model_uri, Path(local))
         metadata = Model.load(local).metadata or {}
-        module = mlflow.pytorch.load_model(local, map_location="cpu")
+        with _pickle_env_lock:
+            before = os.environ.get(PICKLE_ENV)
+            os.environ[PICKLE_ENV] = "false"
+            try:
+                module = mlflow.pytorch.load_model(local, map_location="cpu")
+            except mlflow.exceptions.MlflowException as exc:
+                if "pickle" not in exc.message:
+                    raise
+                raise UnsafeModelFormat(f"{model_uri}: refused: {exc.message}") from None
+            finally:
+                if before is None:
+                    os.environ.pop(PICKLE_ENV, None)
+                else:
+                    os.environ[PICKLE_ENV] = before
         head = torch.load(Path(local, "extra_files", HEAD_FILE), map_location="cpu", weights_only=True)
     if "image_size" not in metadata:
         raise ValueError(f"{model_uri}: no embedder metadata (image_size); was it logged by embedder.train?")
