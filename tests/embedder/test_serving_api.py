@@ -138,6 +138,8 @@ PNG = image_bytes("RGB")
     ({"json": {"images": [b64(PNG), b64(TRUNCATED)]}}, 400, "images[1]: not a decodable image"),
     ({"json": {"image": "not base64!"}}, 400, "image is not valid base64"),
     ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "the body is not valid JSON"),
+    ({"content": b"[" * 100_000 + b"]" * 100_000, "headers": {"content-type": "application/json"}}, 400,
+     "the JSON body is nested too deeply"),
     # too many pixels, too many bytes
     ({"files": {"file": ("huge.png", image_bytes("L", size=(2000, 1000)), "image/png")}}, 413,
      "huge.png: decompression bomb guard: 2000x1000 = 2000000 pixels, over the limit of 1000000"),

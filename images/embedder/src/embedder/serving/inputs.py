@@ -142,6 +142,9 @@ async def _read_json(request: Request, limits: Limits) -> tuple[list[tuple[str, 
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # thousands of nested brackets: valid JSON, never a request of ours
+        raise HTTPException(400, "the JSON body is nested too deeply: send {\"image\": <base64>} or "
+                                 "{\"images\": [<base64>, ...]}") from None
     shape = "send {\"image\": <base64>} for one image or {\"images\": [<base64>, ...]} for a batch"
     if not isinstance(doc, dict):
         raise HTTPException(422, f"the JSON body must be an object: {shape}")
