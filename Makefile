@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export RETRAIN_HOME ?= $(CURDIR)/.retrain/demo
 
-.PHONY: docker images compose-e2e venv browser prometheus demo test test-fast bench bench-serving bench-gpu compose-env \
+.PHONY: docker images compose-e2e venv browser prometheus demo test test-scenarios test-fast bench bench-serving bench-gpu compose-env \
 	compose-check lint up down status serve \
 	airflow-ui lock clean
 
@@ -38,11 +38,14 @@ prometheus:
 demo: venv  ## the whole loop in local mode, through the running scheduler, ending with a promoted model served
 	$(PY) -m localdev.demo
 
-test: venv browser prometheus  ## the whole suite (unit, training, Airflow and browser end-to-end)
-	$(PY) -m pytest
+test: venv browser prometheus  ## the suite: unit, training, Airflow and browser end-to-end (about 20 min on 2 cores)
+	$(PY) -m pytest -m "not containers and not scenario"
+
+test-scenarios: venv browser prometheus  ## the long scenario runs: serving switches, Kubernetes rollouts, drift traffic
+	$(PY) -m pytest -n 2 --dist loadfile -m "scenario and not containers"
 
 test-fast: venv prometheus  ## everything but the slow end-to-end and training tests
-	$(PY) -m pytest -m "not e2e and not training"
+	$(PY) -m pytest -m "not e2e and not training and not scenario and not containers"
 
 bench: venv  ## train stage vs a bare loop, checkpoint cost, serving vs a bare forward loop, switch vs rollbacks: side by side
 	$(PY) -m embedder.bench

@@ -41,6 +41,7 @@ import requests
 
 from localdev.airflow_api import AirflowAPI
 from localdev.stack import ADMIN_USER, LocalStack
+from localdev.traffic import send_windows
 from retrain.settings import Settings
 
 RETRAIN, MONITOR = "retrain_embedder", "monitor_drift"
@@ -132,16 +133,10 @@ def similar_probe(settings: Settings, limit: int = 64) -> tuple[float, int, int]
 
 
 def send_traffic(settings: Settings, images: list[Path], windows: int) -> None:
-    """Post images to /embed for ``windows`` whole sample windows, then wait until the last one is readable."""
-    window = settings.drift.window_s
-    for _ in range(windows):
-        start = time.time() // window * window
-        for image in images[:TRAFFIC_PER_WINDOW]:
-            with image.open("rb") as fh:
-                requests.post(f"{settings.serving_url}/embed", files={"file": (image.name, fh, "image/png")},
-                              timeout=30).raise_for_status()
-        time.sleep(max(0.0, start + window - time.time()) + 0.2)
-    time.sleep(window / 4 + 1)  # the monitor reads a window a quarter window after it closes
+    """Post images to /embed for ``windows`` whole sample windows, each confirmed written (localdev.traffic)."""
+    meta = requests.get(f"{settings.serving_url}/metadata", timeout=10).json()
+    send_windows(settings, settings.serving_url, meta["model_name"], meta["model_version"], images, windows,
+                 TRAFFIC_PER_WINDOW)
 
 
 def monitor_report(demo: Demo) -> dict[str, Any]:

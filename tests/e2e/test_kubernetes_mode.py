@@ -25,7 +25,7 @@ from retrain_contract.registry import alias_version
 from tests.helpers import GPU_OVERLAY, LOCAL_OVERLAY, kustomize
 from tests.support.kube import KubeEmulator, rbac_rules
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.scenario]
 MODEL = "k8s-embedder"
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from retrain.waiting import poll
 from tests.e2e.conftest import QUIET_DEPLOYS, SMALL_RUNS, started_stack
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.scenario]
 RETRAIN = "retrain_embedder"
 
 

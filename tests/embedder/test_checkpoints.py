@@ -294,6 +294,7 @@ def reference(workspace):
 
 
 @pytest.mark.training
+@pytest.mark.scenario
 def test_sigkill_after_epoch_2_of_4_resumes_to_the_uninterrupted_weights(workspace, reference):
     _, env, _ = workspace
     stage = start(workspace, "killed", "--checkpoint-every-steps", "0")
@@ -321,6 +322,7 @@ def test_sigkill_after_epoch_2_of_4_resumes_to_the_uninterrupted_weights(workspa
 
 
 @pytest.mark.training
+@pytest.mark.scenario
 def test_sigterm_mid_epoch_saves_a_checkpoint_and_the_next_start_resumes_from_it(workspace, reference):
     _, env, _ = workspace
     stage = start(workspace, "preempted", "--checkpoint-every-steps", "0", "--progress-every-steps", "1")

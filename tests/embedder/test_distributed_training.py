@@ -158,6 +158,7 @@ def killed_and_resumed(workspace) -> tuple[BaseException, dict, Stage, Stage, ch
 
 
 @pytest.mark.training
+@pytest.mark.scenario
 def test_a_rank_killed_mid_epoch_fails_the_stage_naming_it_and_the_rerun_resumes_in_the_same_run(
         workspace, killed_and_resumed):
     failure, result, first, second, newest = killed_and_resumed

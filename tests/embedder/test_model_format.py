@@ -62,6 +62,9 @@ def test_a_pickled_version_is_refused_in_process_and_by_serving_and_evaluate_and
              what="the serving process refusing the version")
         ready = requests.get(f"{url}/readyz", timeout=10)
         assert ready.status_code == 503, ready.text
+        # clients learn which version failed and how, not what the artifact held or where it lives
+        assert ready.json()["reason"] == f"loading models:/{NAME}/{bad} failed (UnsafeModelFormat); the serving log says why"
+        assert str(tmp_path) not in requests.get(f"{url}/metadata", timeout=10).text
     finally:
         proc.terminate()
         proc.wait(30)

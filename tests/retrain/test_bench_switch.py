@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.scenario]
 
 
 def test_the_switch_benchmark_measures_warm_and_cold_rollbacks_side_by_side():

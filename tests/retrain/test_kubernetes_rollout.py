@@ -40,7 +40,7 @@ from tests.support.kube import KubeEmulator, rbac_rules
 from tests.support.load import Load, interleavings, versions_in_order
 from tests.support.models import register_unloadable
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.scenario]
 MODEL = SERVING_MODEL
 REPO = Path(__file__).resolve().parents[2]
 NS, SERVING, PREVIEW = "retrain", "embedder-serving", "embedder-serving-preview"

@@ -37,7 +37,7 @@ from tests.monitoring.conftest import start_prometheus  # noqa: F401 (a fixture)
 from tests.support.load import Load, interleavings, versions_in_order
 from tests.support.tcp_proxy import TcpProxy
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.scenario]
 MODEL = SERVING_MODEL
 CHAMPION_V, GOOD, COLLAPSED, ERRORING, SLOW = "1", "2", "3", "4", "5"
 

@@ -170,13 +170,16 @@ class ModelHolder:
         try:
             serving = self._load(Desired(pin.model_name, pin.model_version), uri)
         except Exception as exc:  # any load failure must leave what serves as it is
-            error = f"loading {uri} failed: {type(exc).__name__}: {exc}"
+            # Clients (/readyz, /metadata) learn which version failed and the kind of failure; the log has the rest
+            # (paths, storage errors, what a hostile artifact held).
+            error = f"loading {uri} failed ({type(exc).__name__}); the serving log says why"
             if role == "active":
                 self.last_error = error
             else:
                 self.preview_error = error
             self._failed[pin] = time.time()
-            log.error("%s; still serving %s", error, self.current.pin if self.current else "nothing")
+            log.error("loading %s failed: %s: %s; still serving %s", uri, type(exc).__name__, exc,
+                      self.current.pin if self.current else "nothing")
             return None
         self._failed.pop(pin, None)
         return serving
