@@ -238,6 +238,12 @@ def test_openapi_documents_every_route_and_its_errors(client):
     assert "503" in schema["paths"]["/readyz"]["get"]["responses"]
 
 
+def test_the_interactive_api_pages_are_off_unless_asked_for(client, loaded):
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+    with app_client(loaded, docs=True) as local:  # what local mode's serving process asks for (--docs)
+        assert local.get("/docs").status_code == 200 and "swagger" in local.get("/docs").text.lower()
+
+
 def test_no_micro_batching_gives_the_same_embeddings(client, loaded):
     with app_client(loaded, micro_batching=False) as unbatched:
         pictures = [b64(striped(i)) for i in range(3)]

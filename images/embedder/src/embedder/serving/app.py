@@ -73,12 +73,17 @@ Pick = Callable[[Runtime], Serving]
 def create_app(holder: ModelHolder, poll_interval: float = 1.0, sampler: EmbeddingSampler | None = None,
                limits: Limits | None = None, micro_batching: bool = True,
                max_batch: int = 32, batch_wait_s: float = 0.005, max_queued: int = 256,
-               workers: int | None = None, mirror: Mirror | None = None) -> FastAPI:
-    """The serving app around ``holder``; ``micro_batching=False`` runs each request's forward pass on its own."""
+               workers: int | None = None, mirror: Mirror | None = None, docs: bool = False) -> FastAPI:
+    """The serving app around ``holder``; ``micro_batching=False`` runs each request's forward pass on its own.
+
+    ``docs`` serves the interactive API pages (``/docs``, ``/redoc``): off unless asked for (local mode asks), as
+    KServe's model server has it; the schema stays at ``/openapi.json``.
+    """
     limits = limits or Limits()
     metrics = Metrics()
     app = FastAPI(title="embedder", summary="Image embeddings and similarity search", version="1",
-                  description=DESCRIPTION, lifespan=lifespan)
+                  description=DESCRIPTION, lifespan=lifespan, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None)
     app.state.runtime = Runtime(holder, metrics, limits, sampler, poll_interval, micro_batching, max_batch,
                                 batch_wait_s, max_queued, workers, mirror)
     app.state.metrics = metrics

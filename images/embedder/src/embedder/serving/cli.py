@@ -52,6 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds between reads of the record")
+    parser.add_argument("--docs", action="store_true", default=os.environ.get("SERVING_DOCS", "") == "true",
+                        help="serve the interactive API pages /docs and /redoc (SERVING_DOCS=true; off by default)")
     _env_option(parser, "--threads", "SERVING_THREADS", int, "0", "torch intra-op threads and preprocessing workers "
                 "(0: the CPU budget, i.e. the container's CPU limit)")
     group = parser.add_argument_group("throughput")
@@ -116,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mirror = Mirror(args.mirror_rate, args.mirror_url) if args.mirror_rate else None
         app = create_app(holder, args.poll_interval, sampler, limits=limits, micro_batching=not args.no_micro_batching,
                          max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000, max_queued=args.max_queued,
-                         workers=threads, mirror=mirror)
+                         workers=threads, mirror=mirror, docs=args.docs)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
