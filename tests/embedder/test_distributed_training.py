@@ -31,6 +31,9 @@ from retrain.runners.common import STAGES
 from retrain.runners.local import LocalStageOperator
 from retrain.waiting import poll
 
+# Two training processes, a rank killed mid-epoch and the rerun: a scenario run (make test-scenarios).
+pytestmark = pytest.mark.scenario
+
 # resnet18 at 32 px, 2 epochs over 280 training images: 17 steps of 16 images (8 per rank), one thread per rank.
 EPOCHS, PER_RANK_BATCH, RANKS = 2, 8, 2
 STEPS = 280 // (PER_RANK_BATCH * RANKS)
@@ -158,7 +161,6 @@ def killed_and_resumed(workspace) -> tuple[BaseException, dict, Stage, Stage, ch
 
 
 @pytest.mark.training
-@pytest.mark.scenario
 def test_a_rank_killed_mid_epoch_fails_the_stage_naming_it_and_the_rerun_resumes_in_the_same_run(
         workspace, killed_and_resumed):
     failure, result, first, second, newest = killed_and_resumed
