@@ -115,14 +115,19 @@ def test_settings_configmap_parses_with_the_settings_object():
 KUBEFLOW = K8S / "components" / "kubeflow-training"
 
 
+def with_component(overlay: Path, component: Path, tmp_path: Path) -> list[dict]:
+    """What an overlay of the user's renders to with ``component`` added."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": [os.path.relpath(overlay, tmp_path)], "components": [os.path.relpath(component, tmp_path)]}))
+    return kustomize(tmp_path)
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_the_kubeflow_component_runs_several_nodes_as_pytorchjobs_and_grants_just_that(overlay, tmp_path):
     from retrain.settings import Settings
     from tests.support.kube import rbac_rules
 
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({  # an overlay of the user's, with the component
-        "resources": [os.path.relpath(overlay, tmp_path)], "components": [os.path.relpath(KUBEFLOW, tmp_path)]}))
-    docs = kustomize(tmp_path)
+    docs = with_component(overlay, KUBEFLOW, tmp_path)
     for doc in docs:
         kubernetes_validate.validate(doc, "1.37.0", strict=True)
     plain = rbac_rules(kustomize(overlay), "airflow-worker")
@@ -141,9 +146,7 @@ def test_the_argo_component_renders_a_blue_green_rollout_on_the_serving_template
     from retrain.settings import Settings
     from tests.support.kube import rbac_rules
 
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({  # an overlay of the user's, with the component
-        "resources": [os.path.relpath(overlay, tmp_path)], "components": [os.path.relpath(ARGO, tmp_path)]}))
-    docs = kustomize(tmp_path)
+    docs = with_component(overlay, ARGO, tmp_path)
     for doc in docs:
         if doc["kind"] != "Rollout":  # the CRD's schema is Argo's, not in the 1.37 schemas
             kubernetes_validate.validate(doc, "1.37.0", strict=True)

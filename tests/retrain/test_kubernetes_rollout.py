@@ -113,6 +113,21 @@ class Cluster:
         return [] if exp is None else self.client.search_runs([exp.experiment_id], f"tags.`serving.outcome` = '{outcome}'")
 
 
+def deploy_under_load(cluster: Cluster) -> tuple[Load, dict]:
+    """Version 1 served, then version 2 deployed while three clients post through the Service: zero failed
+    requests, and no client got version 1 after any client had version 2."""
+    cluster.deploy("1", "r1")
+    assert cluster.served() == "1"
+    test_images = sorted(cluster.digits.rglob("*.png"))
+    with Load(cluster.settings.serving_url, test_images, clients=3) as load:
+        poll(lambda: load.count("1") >= 20, timeout_s=60, interval_s=0.05, what="traffic on version 1")
+        result = cluster.deploy("2", "r2", previous="1")
+        poll(lambda: load.count("2") >= 20, timeout_s=60, interval_s=0.05, what="traffic on version 2")
+    assert [a for a in load.answers if a.status != 200] == []
+    assert interleavings(load.answers, "1", "2") == []
+    return load, result
+
+
 def answers(url: str) -> int | None:
     """The status ``url`` answers with, or None while nothing listens."""
     try:
@@ -192,14 +207,8 @@ def test_the_manifests_never_change_what_serves_history_tells_the_story_and_an_u
 
 
 def test_a_deploy_and_a_switch_back_under_client_load_through_the_service(cluster):
-    cluster.deploy("1", "r1")
+    load, result = deploy_under_load(cluster)
     test_images = sorted(cluster.digits.rglob("*.png"))
-    with Load(cluster.settings.serving_url, test_images, clients=3) as load:
-        poll(lambda: load.count("1") >= 20, timeout_s=60, interval_s=0.05, what="traffic on version 1")
-        result = cluster.deploy("2", "r2", previous="1")
-        poll(lambda: load.count("2") >= 20, timeout_s=60, interval_s=0.05, what="traffic on version 2")
-    assert [a for a in load.answers if a.status != 200] == []
-    assert interleavings(load.answers, "1", "2") == []  # no client got version 1 after any client had version 2
     for c in range(3):
         assert versions_in_order([a for a in load.answers if a.client == c]) == ["1", "2"]
     verdict = result["analysis"]
@@ -270,15 +279,7 @@ def test_with_argo_rollouts_the_rollout_switches_at_once_and_an_undo_is_a_veto(a
     controller, written from Argo Rollouts' documented behaviour): preview ReplicaSet paused for promotion, the
     analysis on mirrored live traffic, promotion, the serving Service switched at once; an undo is a veto."""
     cluster = argo_cluster
-    cluster.deploy("1", "r1")
-    assert cluster.served() == "1"
-    test_images = sorted(cluster.digits.rglob("*.png"))
-    with Load(cluster.settings.serving_url, test_images, clients=3) as load:
-        poll(lambda: load.count("1") >= 20, timeout_s=60, interval_s=0.05, what="traffic on version 1")
-        result = cluster.deploy("2", "r2", previous="1")
-        poll(lambda: load.count("2") >= 20, timeout_s=60, interval_s=0.05, what="traffic on version 2")
-    assert [a for a in load.answers if a.status != 200] == []
-    assert interleavings(load.answers, "1", "2") == []
+    load, result = deploy_under_load(cluster)
     for c in range(3):
         assert versions_in_order([a for a in load.answers if a.client == c]) == ["1", "2"]
     assert result["analysis"]["passed"] and result["analysis"]["replayed"] == 0
